@@ -1,0 +1,225 @@
+"""The ``cns`` command line: thin over :class:`cns.ConceptLibrary`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .config import LearnConfig
+from .errors import CNSError
+
+__all__ = ["main", "build_parser"]
+
+
+def _learn_config(args) -> LearnConfig:
+    config = LearnConfig()
+    for field in (
+        "steps", "seed", "batch_size", "select_ratio", "select_rule", "lr_embedding", "lr_neurons",
+        "lambda_previous", "lambda_pretrained", "prior_loss_weight", "num_class_images", "class_image_steps",
+        "resolution", "mixed_precision", "device", "neurons",
+    ):
+        value = getattr(args, field, None)
+        if value is not None:
+            setattr(config, field, value)
+    if args.no_regularizer:
+        config.regularize = False
+    if args.gradient_checkpointing:
+        config.gradient_checkpointing = True
+    return config
+
+
+def cmd_init(args) -> int:
+    from .library import ConceptLibrary, read_prompt_file
+
+    prompts = read_prompt_file(args.calibration) if args.calibration else None
+    library = ConceptLibrary.create(args.library, args.model, revision=args.revision, calibration_prompts=prompts)
+    print(f"created concept library {library.path} on {library.base_model['name_or_path']} "
+          f"({len(library.base_model['layers'])} cross-attention K/V layers)")
+    return 0
+
+
+def cmd_learn(args) -> int:
+    from .captions import TransformersCaptioner
+    from .library import ConceptLibrary, ConceptSpec, read_prompt_file
+
+    library = ConceptLibrary(args.library)
+    if args.concepts_list:
+        if args.images or args.class_word or args.token or args.captions:
+            raise CNSError("give either --concepts-list or --images/--class-word, not both")
+        specs = ConceptSpec.from_concepts_list(args.concepts_list)
+    else:
+        if not args.images or not args.class_word:
+            raise CNSError("learn needs --images DIR and --class-word WORD (or --concepts-list FILE)")
+        specs = [ConceptSpec(images=args.images, class_word=args.class_word, token=args.token,
+                             captions_file=args.captions, class_data_dir=args.class_images)]
+    captioner = TransformersCaptioner(args.captioner) if args.captioner else None
+    prompts = read_prompt_file(args.calibration) if args.calibration else None
+    records = library.learn(specs, _learn_config(args), captioner=captioner, calibration_prompts=prompts,
+                            progress=not args.quiet)
+    for record in records:
+        report = record["selection"]
+        print(f"learned {record['token']} ({record['class_word']}): {record['neurons']} concept neurons "
+              f"({record['density']:.3%} of K/V; base {report['density']['base']:.2%}, "
+              f"general {report['density']['general']:.2%}, overlap with earlier "
+              f"{report['overlap_share_of_concept']:.1%})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .generate import image_grid
+    from .library import ConceptLibrary
+
+    library = ConceptLibrary(args.library)
+    images = library.generate(args.prompt, n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                              height=args.height, width=args.width, negative_prompt=args.negative_prompt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(out / f"{args.seed + i:05d}.png")
+    image_grid(images).save(out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .library import ConceptLibrary
+
+    summary = ConceptLibrary(args.library).summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"library {summary['library']} (format {summary['format_version']}) on {summary['base_model']}")
+    print(f"K/V untouched: {summary['kv_untouched_fraction']:.2%} of {summary['kv_elements']:,} weights")
+    if not summary["concepts"]:
+        print("no concepts yet: add one with `cns learn`")
+        return 0
+    print(f"{'token':<12} {'class':<12} {'images':>6} {'neurons':>9} {'density':>8} {'overlap':>8}")
+    for c in summary["concepts"]:
+        print(f"{c['token']:<12} {c['class_word']:<12} {c['images']:>6} {c['neurons']:>9,} "
+              f"{c['density']:>8.3%} {c['overlap_with_earlier']:>8,}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .library import ConceptLibrary
+
+    out = ConceptLibrary(args.library).export(args.out)
+    print(f"exported a diffusers pipeline to {out}: StableDiffusionPipeline.from_pretrained({str(out)!r})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cns", description="Continual personalization of Stable Diffusion with "
+                                     "Concept Neuron Selection (CNS).")
+    parser.add_argument("--version", action="version", version=f"cns {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="start a concept library on a base model")
+    p.add_argument("library")
+    p.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (e.g. a SD-1.5 repo)")
+    p.add_argument("--revision")
+    p.add_argument("--calibration", help="file of calibration prompts (one a line) for general neurons")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("learn", help="learn a new concept (or several, from a concepts_list JSON)")
+    p.add_argument("library")
+    p.add_argument("--images", help="folder of 1-6 images of the concept")
+    p.add_argument("--class-word", help="what the concept is: dog, hat, painting, ...")
+    p.add_argument("--token", help="its token, e.g. <my-dog> (default: next free <newK>)")
+    p.add_argument("--captions", help="caption file: JSON {file: caption} or lines 'file<TAB>caption'")
+    p.add_argument("--captioner", help="image-to-text model (folder or hub id) to caption the images")
+    p.add_argument("--class-images", help="folder of class images for prior preservation (default: generated)")
+    p.add_argument("--concepts-list", help="diffusers Custom Diffusion concepts_list JSON")
+    p.add_argument("--calibration", help="file of calibration prompts replacing the library's")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--select-ratio", type=float)
+    p.add_argument("--select-rule", choices=["top_ratio_per_row", "quantile_per_layer", "threshold"])
+    p.add_argument("--neurons", choices=["concept", "random", "all"], help="which K/V elements to train")
+    p.add_argument("--lr-embedding", type=float)
+    p.add_argument("--lr-neurons", type=float)
+    p.add_argument("--lambda-previous", type=float)
+    p.add_argument("--lambda-pretrained", type=float)
+    p.add_argument("--no-regularizer", action="store_true", help="ablation: no L_reg")
+    p.add_argument("--prior-loss-weight", type=float)
+    p.add_argument("--num-class-images", type=int)
+    p.add_argument("--class-image-steps", type=int)
+    p.add_argument("--resolution", type=int)
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--device")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("generate", help="generate images with learned tokens")
+    p.add_argument("library")
+    p.add_argument("prompt")
+    p.add_argument("-n", type=int, default=4)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("show", help="list concepts, neuron counts, overlaps")
+    p.add_argument("library")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("export", help="write a plain diffusers pipeline folder with every concept")
+    p.add_argument("library")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    warnings.showwarning = _warning_line
+    try:
+        return args.func(args)
+    except CNSError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; the library is unchanged", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never a traceback for users; --debug shows it
+        if args.debug:
+            raise
+        text = str(exc).strip().splitlines()
+        print(f"error: {type(exc).__name__}: {text[0] if text else 'unexpected failure'} (rerun with --debug)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

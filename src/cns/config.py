@@ -1,0 +1,65 @@
+"""Settings of one CNS task: neuron selection (Sec. 4.2) and continual fine-tuning (Sec. 4.3).
+
+Defaults follow the paper where it speaks (Adam, lr 5e-4 / 3e-5, 500 steps, K = 20
+calibration prompts) and ``METHOD.md`` where it does not; the latter are marked (choice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+__all__ = ["LearnConfig"]
+
+
+@dataclass
+class LearnConfig:
+    # --- selection (Eq. 3-6) ---
+    select_rule: str = "top_ratio_per_row"  # (choice) Wanda's per-row comparison group
+    select_ratio: float = 0.1  # (choice) share of each row kept per caption
+    drop_padding: bool = False  # (choice) K/V see the padded sequence in the pipeline
+    neurons: str = "concept"  # "concept" (CNS), "random" (same count per row), "all" (every K/V weight)
+    # --- training (Eq. 7-8) ---
+    steps: int = 500
+    batch_size: int = 1  # instance images per step (plus as many class images)
+    lr_embedding: float = 5e-4
+    lr_neurons: float = 3e-5
+    lambda_previous: float = 1.0  # (choice) l1 of Eq. 7
+    lambda_pretrained: float = 0.1  # (choice) l2 of Eq. 7
+    regularize: bool = True  # L_reg on (ablation: False)
+    train_embedding: bool = True
+    prior_loss_weight: float = 1.0  # lambda of Eq. 8, as Custom Diffusion / DreamBooth
+    num_class_images: int = 100  # (choice) Custom Diffusion uses 200
+    class_image_steps: int = 50
+    class_image_guidance: float = 6.0
+    instance_template: str = "photo of a {token} {class_word}"
+    class_template: str = "photo of a {class_word}"
+    use_captions_in_training: bool = True  # train on captions with the token inserted, when captions exist
+    resolution: int | None = None  # None: the UNet's native size
+    flip: bool = False  # random horizontal flips (off: captions may say left / right)
+    seed: int = 0
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (through accelerate)
+    gradient_checkpointing: bool = False
+    device: str | None = None  # None: accelerate's choice (GPU when present)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LearnConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def validate(self) -> None:
+        from .errors import CNSError
+        from .neurons import SELECTION_RULES
+
+        if self.select_rule not in SELECTION_RULES:
+            raise CNSError(f"unknown selection rule {self.select_rule!r}; choose from {', '.join(SELECTION_RULES)}")
+        if self.select_rule != "threshold" and not 0 < self.select_ratio <= 1:
+            raise CNSError(f"select ratio must lie in (0, 1], got {self.select_ratio}")
+        if self.neurons not in ("concept", "random", "all"):
+            raise CNSError(f"neurons must be concept, random or all, got {self.neurons!r}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise CNSError("steps must be >= 0 and batch size >= 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise CNSError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}")

@@ -1,0 +1,76 @@
+"""The model adapter: where CNS's neurons live in a diffusers UNet, and how text becomes the
+conditioning they see. Everything model-specific stays here, out of the algorithm."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["cross_attention_kv_layers", "encode_prompts", "kv_fingerprint", "layer_shapes"]
+
+
+def cross_attention_kv_layers(unet: nn.Module) -> dict[str, nn.Linear]:
+    """Every cross-attention key and value projection of ``unet``, by module name.
+
+    A cross-attention block is an attention module whose ``is_cross_attention`` flag is set
+    (diffusers' ``Attention``; ``attn2`` in SD-1.x and SD-2.x), or, for attention classes
+    without that flag, a module named ``attn2``. Returns ``{"...attn2.to_k": Linear, ...}`` in
+    the UNet's module order.
+    """
+    layers: dict[str, nn.Linear] = {}
+    for name, module in unet.named_modules():
+        is_cross = getattr(module, "is_cross_attention", None)
+        if is_cross is None:
+            is_cross = name.rsplit(".", 1)[-1] == "attn2"
+        if not is_cross:
+            continue
+        for projection in ("to_k", "to_v"):
+            linear = getattr(module, projection, None)
+            if isinstance(linear, nn.Linear):
+                layers[f"{name}.{projection}"] = linear
+    if not layers:
+        raise ValueError("this UNet has no cross-attention key/value projections (attn2.to_k / to_v)")
+    return layers
+
+
+def layer_shapes(unet: nn.Module) -> dict[str, list[int]]:
+    """``{layer name: [out, in]}`` for every CNS layer of ``unet``."""
+    return {name: list(linear.weight.shape) for name, linear in cross_attention_kv_layers(unet).items()}
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], drop_padding: bool = False) -> list[torch.Tensor]:
+    """The ``encoder_hidden_states`` a Stable Diffusion pipeline feeds its UNet for each prompt.
+
+    Prompts are padded to the tokenizer's max length, as K/V see them in the pipeline. With
+    ``drop_padding`` each result keeps only the tokens up to and including the end token.
+    Returns one ``(tokens, width)`` float tensor per prompt.
+    """
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    device = next(text_encoder.parameters()).device
+    hidden = text_encoder(ids.input_ids.to(device))[0].float().cpu()
+    if not drop_padding:
+        return list(hidden)
+    lengths = ids.attention_mask.sum(dim=1)
+    return [h[: int(n)] for h, n in zip(hidden, lengths)]
+
+
+def kv_fingerprint(unet: nn.Module, token_embedding: torch.Tensor, vocab_size: int) -> str:
+    """SHA-256 over the weights CNS may touch in the *base* model: every cross-attention K/V
+    weight (in layer-name order) and the first ``vocab_size`` token-embedding rows. A library
+    refuses a base model whose fingerprint differs from the one it was made on."""
+    digest = hashlib.sha256()
+    layers = cross_attention_kv_layers(unet)
+    for name in sorted(layers):
+        weight = layers[name].weight.detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(weight.shape)).encode())
+        digest.update(weight.numpy().tobytes())
+    rows = token_embedding.detach()[:vocab_size].to("cpu", torch.float32).contiguous()
+    digest.update(rows.numpy().tobytes())
+    return digest.hexdigest()

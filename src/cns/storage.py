@@ -1,0 +1,107 @@
+"""Crash-safe file primitives for the concept library: atomic writes, checksums, a lock."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import CNSError, LibraryLockedError
+
+__all__ = ["write_json_atomic", "read_json", "file_sha256", "fsync_tree", "exclusive_lock", "remove_tree"]
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON beside ``path``, flush it to disk, then switch it in with one rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _disk_error(exc, path) from None
+    _fsync_dir(path.parent)
+
+
+def read_json(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CNSError(f"{path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CNSError(f"{path} is damaged: not valid JSON ({exc})") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk."""
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(Path(folder))
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _disk_error(exc: OSError, path: Path) -> CNSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CNSError(f"disk full while writing {path}; the library is unchanged")
+    return CNSError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+@contextmanager
+def exclusive_lock(folder: Path):
+    """Hold the library's write lock, or refuse at once if another process holds it.
+
+    An ``flock`` on ``folder/.lock``: the kernel releases it when the holder dies, so a killed
+    run never leaves the library locked.
+    """
+    path = Path(folder) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise LibraryLockedError(
+                f"library {folder} is being written by another process (pid {holder}); try again when it has finished"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

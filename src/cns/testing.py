@@ -1,0 +1,111 @@
+"""Tiny dummy Stable Diffusion pipelines built in code (no hub), for tests and examples, in
+the manner of diffusers' own tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["DUMMY_WORDS", "make_dummy_pipeline", "write_dummy_images"]
+
+DUMMY_WORDS = (
+    "a an the photo of in on with and style painting picture drawing sketch "
+    "dog cat hat bird car house tree flower robot star ring "
+    "red blue green yellow small big left right background striped dotted plain "
+    "person city street sofa mountains sunset bowl fruit table building ship sea village winter "
+    "portrait man beard beach cup coffee book laboratory branch room fireplace plate pasta horse "
+    "child ball park river forest vase window market shoes white"
+).split()
+
+
+def make_dummy_pipeline(
+    save_to: str | Path | None = None,
+    seed: int = 0,
+    cross_attention_dim: int = 32,
+    prediction_type: str = "epsilon",
+    words=DUMMY_WORDS,
+):
+    """A ``StableDiffusionPipeline`` of a few thousand parameters: 16x16 images, 2x2x4 ... 8x8x4
+    latents, two cross-attention blocks, a 2-layer CLIP text encoder and a CLIP tokenizer made
+    from ``words``. Deterministic for ``seed``; saved as a diffusers folder with ``save_to``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .world.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(words, model_max_length=16)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=2 * cross_attention_dim,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=16,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    if save_to is not None:
+        pipe.save_pretrained(save_to, safe_serialization=True)
+    return pipe
+
+
+def write_dummy_images(folder: str | Path, count: int = 3, size: int = 16, seed: int = 0, color=(200, 40, 40)) -> Path:
+    """``count`` small PNGs of a colored square on noise: a stand-in for a user's photos."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        array = rng.integers(0, 80, size=(size, size, 3), dtype=np.uint8)
+        x, y = rng.integers(0, size // 2, size=2)
+        array[y : y + size // 2, x : x + size // 2] = color
+        Image.fromarray(array).save(folder / f"{i:02d}.png")
+    return folder

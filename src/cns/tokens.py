@@ -1,0 +1,75 @@
+"""Modifier tokens (``<new1>``, ``<new2>``, ...): naming, adding to a tokenizer / text encoder,
+and initialising from the class word, as Custom Diffusion does."""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import torch
+
+from .errors import CNSError
+
+__all__ = [
+    "TOKEN_PATTERN",
+    "next_free_token",
+    "find_tokens",
+    "validate_new_token",
+    "add_tokens",
+    "class_word_embedding",
+]
+
+TOKEN_PATTERN = re.compile(r"<[^<>\s]+>")
+_AUTO_TOKEN = re.compile(r"<new(\d+)>")
+
+
+def find_tokens(prompt: str) -> list[str]:
+    """Every ``<token>`` written in ``prompt``, in order."""
+    return TOKEN_PATTERN.findall(prompt)
+
+
+def next_free_token(used: Iterable[str], vocabulary: Iterable[str] = ()) -> str:
+    """The next ``<newK>`` not used by the library nor present in the vocabulary."""
+    taken = set(used) | set(vocabulary)
+    numbers = [int(m.group(1)) for t in taken if (m := _AUTO_TOKEN.fullmatch(t))]
+    k = max(numbers, default=0) + 1
+    while f"<new{k}>" in taken:
+        k += 1
+    return f"<new{k}>"
+
+
+def validate_new_token(token: str, library_tokens: Iterable[str], tokenizer) -> None:
+    """Refuse a token that is malformed, already learned, or already in the vocabulary."""
+    if not TOKEN_PATTERN.fullmatch(token):
+        raise CNSError(f"token {token!r} must look like <name>: angle brackets, no spaces")
+    if token in set(library_tokens):
+        raise CNSError(f"token {token} is already used by a concept in this library")
+    vocab = tokenizer.get_vocab()
+    if token in vocab or f"{token}</w>" in vocab:
+        raise CNSError(f"token {token} is already in the tokenizer's vocabulary; choose another")
+
+
+def add_tokens(tokenizer, text_encoder, tokens: Sequence[str]) -> list[int]:
+    """Add ``tokens`` to the tokenizer and grow the text encoder's embedding to match.
+    Existing rows are copied unchanged; returns the new tokens' ids."""
+    if not tokens:
+        return []
+    added = tokenizer.add_tokens(list(tokens))
+    if added != len(tokens):
+        raise CNSError(f"could not add tokens {list(tokens)} to the tokenizer (some already exist)")
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(list(tokens))
+    for token, token_id in zip(tokens, ids):
+        if tokenizer(token, add_special_tokens=False).input_ids != [token_id]:
+            raise CNSError(f"token {token} does not tokenize to a single id")
+    return ids
+
+
+@torch.no_grad()
+def class_word_embedding(tokenizer, embedding: torch.Tensor, class_word: str) -> torch.Tensor:
+    """The embedding row a new token starts from: the class word's row, or the mean of its
+    pieces when the tokenizer splits it."""
+    ids = tokenizer(class_word, add_special_tokens=False).input_ids
+    if not ids:
+        raise CNSError(f"class word {class_word!r} produces no tokens")
+    return embedding[ids].float().mean(dim=0)

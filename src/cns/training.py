@@ -1,0 +1,248 @@
+"""Continual fine-tuning of concept neurons (Sec. 4.3, Eq. 7-8).
+
+Only the task's masked K/V elements and its new tokens' embedding rows are trainable; both are
+parametrised as sparse updates of the frozen weights (:mod:`cns.sparse`), so nothing else can
+move. The loop knows nothing of the library's storage: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import LearnConfig
+from .model import cross_attention_kv_layers
+from .regularizer import neuron_regularizer
+from .sparse import RowDeltaEmbedding, SparseDeltaLinear
+
+__all__ = ["Example", "TrainResult", "train_task", "diffusion_target", "sparse_trainables"]
+
+
+@dataclass
+class Example:
+    """One training image (CHW in [-1, 1]) and its prompt."""
+
+    pixels: torch.Tensor
+    prompt: str
+
+
+@dataclass
+class TrainResult:
+    values: dict[str, torch.Tensor]  # W_m at the task's masked elements, row-major, per layer
+    embeddings: dict[str, torch.Tensor]  # learned row per token
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The regression target of the scheduler's ``prediction_type`` (Eq. 8 in its epsilon,
+    v or x form)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def _parent(root: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
+    parent_name, _, attr = dotted.rpartition(".")
+    return (root.get_submodule(parent_name) if parent_name else root), attr
+
+
+@contextmanager
+def sparse_trainables(unet, text_encoder, masks: Mapping[str, torch.Tensor], token_ids: Sequence[int]):
+    """Swap the masked K/V layers for :class:`SparseDeltaLinear` and the embedding for
+    :class:`RowDeltaEmbedding` over ``token_ids``; on exit merge the updates back into the
+    plain layers, which return to their places."""
+    layers = cross_attention_kv_layers(unet)
+    wrapped: dict[str, SparseDeltaLinear] = {}
+    embedding = None
+    try:
+        for name, mask in masks.items():
+            parent, attr = _parent(unet, name)
+            wrapped[name] = SparseDeltaLinear(layers[name], mask.to(layers[name].weight.device))
+            setattr(parent, attr, wrapped[name])
+        if token_ids:
+            embedding = RowDeltaEmbedding(text_encoder.get_input_embeddings(), list(token_ids))
+            text_encoder.set_input_embeddings(embedding)
+        yield wrapped, embedding
+    finally:
+        for name, module in wrapped.items():
+            parent, attr = _parent(unet, name)
+            setattr(parent, attr, module.merge())
+        if embedding is not None:
+            text_encoder.set_input_embeddings(embedding.merge())
+
+
+def _encode_latents(vae, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    with torch.no_grad():
+        for chunk in pixels.split(batch):
+            dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def _token_ids(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def train_task(
+    pipe,
+    masks: Mapping[str, torch.Tensor],
+    token_ids: Sequence[int],
+    instance: Sequence[Example],
+    prior: Sequence[Example],
+    config: LearnConfig,
+    reg_masks: Mapping[str, torch.Tensor] | None = None,
+    pretrained: Mapping[str, torch.Tensor] | None = None,
+    accelerator=None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune one task (Eq. 8) in place on ``pipe`` and return what changed.
+
+    ``masks``: per layer, the elements this task trains (union of its concepts' masks).
+    ``token_ids``: the embedding rows this task trains (its new tokens).
+    ``reg_masks``: per layer M_reg (this task's masks AND the earlier concepts'); with
+    ``pretrained`` (W_0 per layer) they give L_reg (Eq. 7) against W_{m-1} (the weights on
+    entry) and W_0. Deterministic for a given ``config.seed`` on CPU.
+    """
+    from accelerate import Accelerator
+
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
+    device = accelerator.device
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    for module in (unet, text_encoder, vae):
+        module.requires_grad_(False)
+        module.to(device)
+    scheduler = _training_scheduler(pipe)
+    generator = torch.Generator().manual_seed(config.seed)
+    started = time.perf_counter()
+
+    inst_mean, inst_std = _encode_latents(vae, torch.stack([e.pixels for e in instance]))
+    inst_ids = _token_ids(tokenizer, [e.prompt for e in instance])
+    use_prior = bool(prior) and config.prior_loss_weight > 0
+    if use_prior:
+        prior_mean, prior_std = _encode_latents(vae, torch.stack([e.pixels for e in prior]))
+        with torch.no_grad():
+            prior_states = text_encoder(_token_ids(tokenizer, [e.prompt for e in prior]).to(device))[0].float().cpu()
+    scaling = getattr(vae.config, "scaling_factor", 0.18215)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    layers = cross_attention_kv_layers(unet)
+    previous = {name: layers[name].weight.detach().clone() for name in masks} if reg_masks else {}
+    losses: list[float] = []
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+    try:
+        with sparse_trainables(unet, text_encoder, masks, token_ids if config.train_embedding else []) as (
+            wrapped,
+            embedding,
+        ):
+            groups = [{"params": [m.delta for m in wrapped.values()], "lr": config.lr_neurons}]
+            if embedding is not None:
+                groups.append({"params": [embedding.trainable_rows], "lr": config.lr_embedding})
+            optimizer = torch.optim.Adam(groups, weight_decay=0.0)
+            optimizer = accelerator.prepare(optimizer)
+            reg_terms = _regularizer_inputs(wrapped, reg_masks, previous, pretrained) if config.regularize else []
+
+            bar = tqdm(range(config.steps), desc="cns learn", disable=not progress, dynamic_ncols=True)
+            for _ in bar:
+                pick = torch.randint(len(instance), (config.batch_size,), generator=generator)
+                latents = inst_mean[pick] + inst_std[pick] * torch.randn(inst_mean[pick].shape, generator=generator)
+                ids = inst_ids[pick]
+                if use_prior:
+                    pick_prior = torch.randint(len(prior), (config.batch_size,), generator=generator)
+                    prior_latents = prior_mean[pick_prior] + prior_std[pick_prior] * torch.randn(
+                        prior_mean[pick_prior].shape, generator=generator
+                    )
+                    latents = torch.cat([latents, prior_latents])
+                latents = (latents - shift) * scaling
+                noise = torch.randn(latents.shape, generator=generator)
+                timesteps = torch.randint(scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+                noisy = scheduler.add_noise(latents, noise, timesteps)
+                target = diffusion_target(scheduler, latents, noise, timesteps)
+
+                with accelerator.autocast():
+                    states = text_encoder(ids.to(device))[0]
+                    if use_prior:
+                        states = torch.cat([states, prior_states[pick_prior].to(device, states.dtype)])
+                    prediction = unet(noisy.to(device), timesteps.to(device), states).sample
+                    n = config.batch_size
+                    loss = F.mse_loss(prediction[:n].float(), target[:n].to(device))
+                    if use_prior:
+                        loss = loss + config.prior_loss_weight * F.mse_loss(prediction[n:].float(), target[n:].to(device))
+                    if reg_terms:
+                        current = [wrapped[name].current_values()[sel] for name, sel, _, _ in reg_terms]
+                        loss = loss + neuron_regularizer(
+                            current,
+                            [p for _, _, p, _ in reg_terms],
+                            [w0 for _, _, _, w0 in reg_terms],
+                            [torch.ones_like(c) for c in current],
+                            config.lambda_previous,
+                            config.lambda_pretrained,
+                        )
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            flat_index = {name: m.flat_index for name, m in wrapped.items()}
+    finally:
+        if config.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+            unet.eval()
+    layers = cross_attention_kv_layers(unet)
+    values = {name: layers[name].weight.detach().flatten()[flat_index[name]].float().cpu().clone() for name in masks}
+    table = text_encoder.get_input_embeddings().weight.detach()
+    embeddings = {
+        tokenizer.convert_ids_to_tokens(int(i)): table[int(i)].float().cpu().clone() for i in token_ids
+    }
+    return TrainResult(
+        values=values, embeddings=embeddings, losses=losses, seconds=time.perf_counter() - started, steps=config.steps
+    )
+
+
+def _training_scheduler(pipe):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+def _regularizer_inputs(wrapped, reg_masks, previous, pretrained):
+    """Per layer with overlap: (name, selector over the layer's trainable elements, W_{m-1} and
+    W_0 at the selected elements)."""
+    if not reg_masks or pretrained is None:
+        return []
+    terms = []
+    for name, module in wrapped.items():
+        if name not in reg_masks:
+            continue
+        selector = reg_masks[name].to(module.flat_index.device).flatten()[module.flat_index]
+        if not bool(selector.any()):
+            continue
+        index = module.flat_index[selector]
+        terms.append(
+            (
+                name,
+                selector,
+                previous[name].flatten()[index].float(),
+                pretrained[name].to(previous[name].device).flatten()[index].float(),
+            )
+        )
+    return terms

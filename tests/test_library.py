@@ -1,0 +1,189 @@
+"""The library's guarantees: only the concepts' K/V elements and token rows ever change, the
+state on disk is the state trained, runs are deterministic, and a library refuses the wrong base."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import cns.training
+from cns import CNSError, ConceptLibrary, ConceptSpec
+from cns.library import load_base_pipeline
+from cns.model import cross_attention_kv_layers
+from cns.training import diffusion_target
+
+from .conftest import fast_config
+
+
+def _state(pipe):
+    """Every tensor of the pipeline, by component and name."""
+    state = {}
+    for component in ("unet", "text_encoder", "vae"):
+        for name, tensor in getattr(pipe, component).state_dict().items():
+            state[f"{component}.{name}"] = tensor.detach().clone()
+    return state
+
+
+def _embedding_key(state):
+    return next(k for k in state if k.endswith("token_embedding.weight"))
+
+
+@pytest.mark.parametrize("tasks", [2, 3])
+def test_only_concept_neurons_and_new_token_rows_change(three_concept_library, base_model, tasks):
+    library_after_all, snapshots = three_concept_library
+    library = ConceptLibrary(snapshots[tasks - 1])
+    base = _state(load_base_pipeline(str(base_model)))
+    learned = _state(library.load_pipeline())
+    masks = library.concept_masks()
+    assert len(masks) == tasks
+    kv_names = set(cross_attention_kv_layers(load_base_pipeline(str(base_model)).unet))
+    union = {n: torch.stack([m[n] for m in masks]).any(dim=0) for n in kv_names}
+    changed_kv = 0
+    for key, tensor in base.items():
+        if key == _embedding_key(base):
+            continue
+        layer = key.removeprefix("unet.").removesuffix(".weight")
+        if key.startswith("unet.") and layer in kv_names:
+            differs = learned[key] != tensor
+            assert not (differs & ~union[layer]).any(), f"{layer} changed outside the concept masks"
+            changed_kv += int(differs.sum())
+        else:
+            assert torch.equal(learned[key], tensor), f"{key} is not bit-identical to the base model"
+    assert changed_kv > 0
+    embedding_key = _embedding_key(base)
+    vocab = base[embedding_key].shape[0]
+    assert learned[embedding_key].shape[0] == vocab + tasks
+    assert torch.equal(learned[embedding_key][:vocab], base[embedding_key])
+
+
+def test_earlier_concepts_are_bit_identical_after_later_tasks(three_concept_library):
+    _, snapshots = three_concept_library
+    states = [_state(ConceptLibrary(s).load_pipeline()) for s in snapshots]
+    masks = ConceptLibrary(snapshots[2]).concept_masks()
+    key = _embedding_key(states[0])
+    vocab = states[0][key].shape[0] - 1
+    for task in (1, 2):  # task index whose effect we follow into later tasks
+        for later in range(task, 3):
+            # every token learned up to `task` keeps its row, bit for bit
+            assert torch.equal(states[later][key][: vocab + task], states[task - 1][key][: vocab + task])
+    # W_3 differs from W_2 only inside M_3; and W_2 from W_1 only inside M_2
+    for before, after, mask in [(states[0], states[1], masks[1]), (states[1], states[2], masks[2])]:
+        for name in mask:
+            differs = after[f"unet.{name}.weight"] != before[f"unet.{name}.weight"]
+            assert not (differs & ~mask[name]).any()
+
+
+def test_state_on_disk_is_the_state_trained(empty_library, concept_folders, monkeypatch):
+    trained = {}
+    original = cns.training.train_task
+
+    def capture(pipe, *args, **kwargs):
+        result = original(pipe, *args, **kwargs)
+        trained.update(_state(pipe))
+        return result
+
+    monkeypatch.setattr(cns.training, "train_task", capture)
+    empty_library.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(), progress=False)
+    reloaded = _state(ConceptLibrary(empty_library.path).load_pipeline())
+    assert trained.keys() == reloaded.keys()
+    for key in trained:
+        assert torch.equal(trained[key], reloaded[key]), key
+
+
+def test_same_inputs_and_seed_give_identical_libraries(tmp_path, base_model, concept_folders):
+    paths = []
+    for run in ("a", "b"):
+        library = ConceptLibrary.create(tmp_path / run, str(base_model))
+        library.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(seed=5), progress=False)
+        paths.append(library.path / "tasks" / "0001")
+    for name in ("masks.safetensors", "values.safetensors", "embeddings.safetensors"):
+        a, b = load_file(paths[0] / name), load_file(paths[1] / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    other = ConceptLibrary.create(tmp_path / "c", str(base_model))
+    other.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(seed=6), progress=False)
+    values = load_file(other.path / "tasks" / "0001" / "values.safetensors")
+    reference = load_file(paths[0] / "values.safetensors")
+    assert any(not torch.equal(values[k], reference[k]) for k in values)
+
+
+def test_library_records_what_the_issue_asks(three_concept_library):
+    library, _ = three_concept_library
+    assert library.tokens == ["<new1>", "<new2>", "<new3>"]
+    concept = library.concepts[1]
+    assert concept["class_word"] == "hat"
+    assert len(concept["images"]) == 3 and all(len(i["sha256"]) == 64 for i in concept["images"])
+    assert concept["captions"] == ["a photo of a hat"] * 3
+    assert concept["neurons"] > 0
+    report = concept["selection"]
+    assert 0 < report["density"]["concept"] <= report["density"]["base"] <= 1
+    assert report["counts"]["concept"] == concept["neurons"]
+    record = json.loads((library.path / "tasks" / "0002" / "task.json").read_text())
+    assert record["config"]["steps"] == 6 and record["training"]["seconds"] > 0
+    summary = library.summary()
+    assert [c["token"] for c in summary["concepts"]] == library.tokens
+    assert summary["concepts"][0]["overlap_with_earlier"] == 0
+    assert 0 < summary["kv_untouched_fraction"] < 1
+    manifest = json.loads((library.path / "library.json").read_text())
+    assert manifest["format_version"] == 1 and len(manifest["base_model"]["fingerprint"]) == 64
+
+
+def test_a_different_base_model_is_refused(tmp_path, base_model, concept_folders):
+    model = tmp_path / "model"
+    shutil.copytree(base_model, model)
+    library = ConceptLibrary.create(tmp_path / "lib", str(model))
+    weights_file = next((model / "unet").glob("*.safetensors"))
+    weights = load_file(weights_file)
+    key = next(k for k in weights if k.endswith("attn2.to_k.weight"))
+    weights[key] = weights[key] + 1e-3
+    save_file(weights, weights_file)
+    with pytest.raises(CNSError, match="not the model"):
+        library.load_pipeline()
+
+
+def test_orphans_of_a_crashed_writer_are_removed(three_concept_library, concept_folders):
+    library, _ = three_concept_library
+    (library.path / ".staging-deadbeef").mkdir()
+    (library.path / ".staging-deadbeef" / "values.safetensors").write_bytes(b"partial")
+    (library.path / "tasks" / "0004").mkdir()
+    (library.path / "tasks" / "0004" / "task.json").write_text("{}")
+    records = library.learn([ConceptSpec(concept_folders[0], "bird")], fast_config(), progress=False)
+    assert records[0]["token"] == "<new4>"
+    assert not list(library.path.glob(".staging-*"))
+    assert json.loads((library.path / "tasks" / "0004" / "task.json").read_text())["concepts"][0]["token"] == "<new4>"
+
+
+def test_prior_images_are_generated_once_and_cached(empty_library, concept_folders):
+    empty_library.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(num_class_images=3), progress=False)
+    folder = empty_library.path / "class_images" / "photo-of-a-dog"
+    files = sorted(p.name for p in folder.glob("*.png"))
+    assert files == ["0000.png", "0001.png", "0002.png"]
+    stamps = {f: (folder / f).stat().st_mtime_ns for f in files}
+    empty_library.learn([ConceptSpec(concept_folders[1], "dog")], fast_config(num_class_images=2), progress=False)
+    assert {f: (folder / f).stat().st_mtime_ns for f in files} == stamps
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_target_follows_prediction_type(kind):
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(prediction_type=kind)
+    latents, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    t = torch.tensor([10, 500])
+    target = diffusion_target(scheduler, latents, noise, t)
+    expected = {"epsilon": noise, "sample": latents, "v_prediction": scheduler.get_velocity(latents, noise, t)}[kind]
+    assert torch.equal(target, expected)
+
+
+@pytest.mark.parametrize("neurons", ["random", "all"])
+def test_ablation_neuron_sets(empty_library, concept_folders, neurons):
+    empty_library.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(), progress=False)
+    records = empty_library.learn([ConceptSpec(concept_folders[1], "hat")], fast_config(neurons=neurons), progress=False)
+    masks = empty_library.concept_masks()
+    selected = records[0]["selection"]["counts"]["concept"]
+    if neurons == "all":
+        assert all(m.all() for m in masks[1].values())
+    else:
+        assert records[0]["neurons"] == selected  # same count as CNS would select
