@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SparseDeltaLinear", "RowDeltaEmbedding", "pack_mask", "unpack_mask"]
+__all__ = ["SparseDeltaLinear", "DenseLinearUpdate", "masked_update", "RowDeltaEmbedding", "pack_mask", "unpack_mask"]
 
 
 class SparseDeltaLinear(nn.Module):
@@ -56,6 +56,38 @@ class SparseDeltaLinear(nn.Module):
         """Write the update into the base weight and return the plain base layer."""
         self.base.weight.copy_(self.effective_weight())
         return self.base
+
+
+class DenseLinearUpdate(nn.Module):
+    """Plain fine-tuning of a whole weight (a mask that is all True): the base weight itself
+    is the trainable parameter, with the interface of :class:`SparseDeltaLinear`."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        base.weight.requires_grad_(True)
+        self.register_buffer("flat_index", torch.arange(base.weight.numel(), device=base.weight.device), persistent=False)
+
+    @property
+    def delta(self) -> nn.Parameter:
+        return self.base.weight
+
+    def current_values(self) -> torch.Tensor:
+        return self.base.weight.flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Linear:
+        self.base.weight.requires_grad_(False)
+        return self.base
+
+
+def masked_update(base: nn.Linear, mask: torch.Tensor) -> nn.Module:
+    """The trainable form of ``base`` for ``mask``: dense when the mask covers the whole weight
+    (no scatter to pay for), sparse otherwise."""
+    return DenseLinearUpdate(base) if bool(mask.all()) else SparseDeltaLinear(base, mask)
 
 
 class RowDeltaEmbedding(nn.Module):

@@ -109,3 +109,39 @@ def write_dummy_images(folder: str | Path, count: int = 3, size: int = 16, seed:
         array[y : y + size // 2, x : x + size // 2] = color
         Image.fromarray(array).save(folder / f"{i:02d}.png")
     return folder
+
+
+def make_sd15_architecture(seed: int = 0, words=DUMMY_WORDS):
+    """A pipeline with Stable Diffusion 1.5's architecture (UNet 860 M, CLIP ViT-L/14 text
+    encoder 123 M, VAE 84 M) and random weights, for benchmarks: same layer shapes, no download."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .world.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(words, model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=max(49408, len(tokenizer)), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -57,7 +57,7 @@ def add_tokens(tokenizer, text_encoder, tokens: Sequence[str]) -> list[int]:
     added = tokenizer.add_tokens(list(tokens))
     if added != len(tokens):
         raise CNSError(f"could not add tokens {list(tokens)} to the tokenizer (some already exist)")
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
     for token, token_id in zip(tokens, ids):
         if tokenizer(token, add_special_tokens=False).input_ids != [token_id]:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .config import LearnConfig
 from .model import cross_attention_kv_layers
 from .regularizer import neuron_regularizer
-from .sparse import RowDeltaEmbedding, SparseDeltaLinear
+from .sparse import RowDeltaEmbedding, masked_update
 
 __all__ = ["Example", "TrainResult", "train_task", "diffusion_target", "sparse_trainables"]
 
@@ -37,6 +37,7 @@ class TrainResult:
     values: dict[str, torch.Tensor]  # W_m at the task's masked elements, row-major, per layer
     embeddings: dict[str, torch.Tensor]  # learned row per token
     losses: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     seconds: float = 0.0
     steps: int = 0
 
@@ -61,16 +62,16 @@ def _parent(root: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
 
 @contextmanager
 def sparse_trainables(unet, text_encoder, masks: Mapping[str, torch.Tensor], token_ids: Sequence[int]):
-    """Swap the masked K/V layers for :class:`SparseDeltaLinear` and the embedding for
+    """Swap the masked K/V layers for their trainable form (:func:`masked_update`) and the embedding for
     :class:`RowDeltaEmbedding` over ``token_ids``; on exit merge the updates back into the
     plain layers, which return to their places."""
     layers = cross_attention_kv_layers(unet)
-    wrapped: dict[str, SparseDeltaLinear] = {}
+    wrapped: dict[str, torch.nn.Module] = {}
     embedding = None
     try:
         for name, mask in masks.items():
             parent, attr = _parent(unet, name)
-            wrapped[name] = SparseDeltaLinear(layers[name], mask.to(layers[name].weight.device))
+            wrapped[name] = masked_update(layers[name], mask.to(layers[name].weight.device))
             setattr(parent, attr, wrapped[name])
         if token_ids:
             embedding = RowDeltaEmbedding(text_encoder.get_input_embeddings(), list(token_ids))
@@ -146,6 +147,7 @@ def train_task(
     layers = cross_attention_kv_layers(unet)
     previous = {name: layers[name].weight.detach().clone() for name in masks} if reg_masks else {}
     losses: list[float] = []
+    step_seconds: list[float] = []
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()
@@ -163,6 +165,7 @@ def train_task(
 
             bar = tqdm(range(config.steps), desc="cns learn", disable=not progress, dynamic_ncols=True)
             for _ in bar:
+                step_started = time.perf_counter()
                 pick = torch.randint(len(instance), (config.batch_size,), generator=generator)
                 latents = inst_mean[pick] + inst_std[pick] * torch.randn(inst_mean[pick].shape, generator=generator)
                 ids = inst_ids[pick]
@@ -201,6 +204,7 @@ def train_task(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
+                step_seconds.append(time.perf_counter() - step_started)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             flat_index = {name: m.flat_index for name, m in wrapped.items()}
     finally:
@@ -214,7 +218,7 @@ def train_task(
         tokenizer.convert_ids_to_tokens(int(i)): table[int(i)].float().cpu().clone() for i in token_ids
     }
     return TrainResult(
-        values=values, embeddings=embeddings, losses=losses, seconds=time.perf_counter() - started, steps=config.steps
+        values=values, embeddings=embeddings, losses=losses, step_seconds=step_seconds, seconds=time.perf_counter() - started, steps=config.steps
     )
 
 
