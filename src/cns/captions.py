@@ -56,11 +56,14 @@ class TransformersCaptioner:
         self._processor = None
 
     def _load(self):
-        from transformers import AutoModelForVision2Seq, AutoProcessor
+        import transformers
+        from transformers import AutoProcessor
 
+        # transformers 5 names the class AutoModelForImageTextToText; 4.x also had Vision2Seq
+        auto = getattr(transformers, "AutoModelForImageTextToText", None) or transformers.AutoModelForVision2Seq
         try:
             self._processor = AutoProcessor.from_pretrained(self.model_name)
-            self._model = AutoModelForVision2Seq.from_pretrained(self.model_name).eval()
+            self._model = auto.from_pretrained(self.model_name).eval()
         except (OSError, ValueError) as exc:
             raise CNSError(f"cannot load captioning model {self.model_name!r}: {exc}".splitlines()[0]) from None
         if self.device:
