@@ -75,6 +75,8 @@ def cmd_generate(args) -> int:
     from .generate import image_grid
     from .library import ConceptLibrary
 
+    if args.n < 1 or args.steps < 1:
+        raise CNSError(f"generate needs -n >= 1 and --steps >= 1 (got -n {args.n}, --steps {args.steps})")
     library = ConceptLibrary(args.library)
     images = library.generate(args.prompt, n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
                               height=args.height, width=args.width, negative_prompt=args.negative_prompt)
@@ -193,6 +195,20 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def _hide_loading_bars() -> None:
+    """No "Loading pipeline components" / "Loading weights" bars on stderr (they would also
+    break the one-line errors); the hub's download bars stay."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    downloads_hidden = are_progress_bars_disabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()  # this hides the hub's download bars too:
+    if not downloads_hidden:
+        enable_progress_bars()  # so show them again
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
@@ -201,6 +217,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
+    if args.command != "show":  # the commands that load a model
+        _hide_loading_bars()
     warnings.showwarning = _warning_line
     try:
         return args.func(args)

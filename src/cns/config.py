@@ -61,5 +61,7 @@ class LearnConfig:
             raise CNSError(f"neurons must be concept, random or all, got {self.neurons!r}")
         if self.steps < 0 or self.batch_size < 1:
             raise CNSError("steps must be >= 0 and batch size >= 1")
+        if self.resolution is not None and self.resolution < 1:
+            raise CNSError(f"resolution must be a positive number of pixels, got {self.resolution}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise CNSError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}")

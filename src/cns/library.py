@@ -329,9 +329,7 @@ class ConceptLibrary:
 
         pipe = self.load_pipeline(apply=False)
         pretrained = {n: l.weight.detach().clone() for n, l in cross_attention_kv_layers(pipe.unet).items()}
-        prior_sets = [self._prior_examples(pipe, p, config, resolution, progress) for p in prepared]
-        self.apply(pipe)
-
+        # tokens are checked before class images are generated into the library's cache
         used = list(self.tokens)
         vocabulary = pipe.tokenizer.get_vocab()
         for p in prepared:
@@ -339,6 +337,8 @@ class ConceptLibrary:
                 p["token"] = next_free_token(used, vocabulary)
             validate_new_token(p["token"], used, pipe.tokenizer)
             used.append(p["token"])
+        prior_sets = [self._prior_examples(pipe, p, config, resolution, progress) for p in prepared]
+        self.apply(pipe)
 
         # --- selection (Eq. 3-6) on W_{m-1}, before the new tokens exist ---
         prompts = list(calibration_prompts or self.manifest["calibration_prompts"])
