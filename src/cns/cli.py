@@ -116,6 +116,31 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .world.demo import DEFAULT_DEMO_CONCEPTS, DemoSettings, run_demo
+
+    settings = DemoSettings(out=Path(args.out), concepts=tuple(args.concepts or DEFAULT_DEMO_CONCEPTS), seed=args.seed)
+    for field in ("steps", "images_per_prompt", "sample_steps", "model", "evaluator"):
+        if getattr(args, field, None) is not None:
+            setattr(settings, field, getattr(args, field))
+    results = run_demo(settings, progress=not args.quiet)
+    for c in results["concepts"]:
+        print(f"{c['token']:<8} {c['name']:<14} {c['kind']:<9} CLIP-I {c['before']['clip_i']:.3f} -> "
+              f"{c['after']['clip_i']:.3f}   CLIP-T {c['after']['clip_t']:.3f}   learned in {c['learn_seconds']:.0f} s")
+    for m in results["multi"]:
+        print(f"multi: {m['prompt']}\n       CLIP-I {m['clip_i']:.3f}  CLIP-T {m['clip_t']:.3f}")
+    print(f"demo finished in {results['seconds']:.0f} s: open {Path(args.out) / 'report.md'}")
+    return 0
+
+
+def cmd_world(args) -> int:
+    """Pass-through to the tiny world's own commands."""
+    import importlib
+
+    module = importlib.import_module(f"cns.world.{args.tool}")
+    return int(module.main(args.rest) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cns", description="Continual personalization of Stable Diffusion with "
                                      "Concept Neuron Selection (CNS).")
@@ -178,6 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("library")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("demo", help="the tiny world demo: learn concepts one after another, draw, measure")
+    p.add_argument("--out", default="cns-demo")
+    p.add_argument("--concepts", nargs="+", help="tiny-world concept names (default: an object, a scene, a style, "
+                   "a creature)")
+    p.add_argument("--steps", type=int, help="training steps per concept")
+    p.add_argument("--images-per-prompt", type=int)
+    p.add_argument("--sample-steps", type=int)
+    p.add_argument("--model", help="tiny-world model folder (default: the shipped one)")
+    p.add_argument("--evaluator", help="CLIP evaluator folder (default: the shipped one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("world", help="tiny world tools: concepts, pretrain, evaluator")
+    p.add_argument("tool", choices=["concepts", "pretrain", "evaluator"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_world)
 
     p = sub.add_parser("export", help="write a plain diffusers pipeline folder with every concept")
     p.add_argument("library")

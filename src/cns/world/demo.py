@@ -1,0 +1,230 @@
+"""``cns demo``: continual personalization on the tiny world, end to end, in minutes on a CPU.
+
+It writes a few personal concepts of different kinds (an object, a scene, a style, ...), starts
+a concept library on the shipped tiny-world model, learns the concepts one after another with
+CNS, and after each task draws every concept learned so far. The evaluator measures CLIP-I
+(generated vs the concept's own images) and CLIP-T (image vs prompt, tokens read as their
+class word) before and after; ``report.md`` puts each concept's images beside the drawings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import LearnConfig
+from ..errors import CNSError
+
+__all__ = ["DemoSettings", "run_demo", "concept_prompt", "DEFAULT_DEMO_CONCEPTS"]
+
+DEFAULT_DEMO_CONCEPTS = ("berry-heart", "starry-night", "halftone", "pip-bird")
+CALIBRATION_FILE = Path(__file__).with_name("calibration_prompts.txt")
+# what each kind of concept looks like in a prompt, and its class prompt for prior preservation
+_PROMPTS = {
+    "object": ("a big {token} {word} in the center, on a gray background, flat style",
+               "a big {token} {word} on the left and a small blue ring on the right, on a beige background, flat style"),
+    "creature": ("a big {token} {word} in the center, on a gray background, flat style",
+                 "a big {token} {word} on the right, on a pink background, flat style"),
+    "scene": ("a big white circle in the center, on a {token} {word}, flat style",
+              "a small red star on the left, on a {token} {word}, flat style"),
+    "style": ("a big red heart in the center, on a gray background, {token} {word}",
+              "a big blue square on the left, on a beige background, {token} {word}"),
+}
+_CLASS_PROMPTS = {
+    "object": "a big {word} in the center",
+    "creature": "a big {word} in the center",
+    "scene": "a big circle in the center, on a {word}",
+    "style": "a big circle in the center, {word}",
+}
+
+
+def concept_prompt(kind: str, token: str, word: str, which: int = 0) -> str:
+    """A generation prompt for a concept of ``kind`` (0: the main one, 1: another context)."""
+    return " ".join(_PROMPTS[kind][which].format(token=token, word=word).split())
+
+
+@dataclass
+class DemoSettings:
+    out: Path = Path("cns-demo")
+    concepts: tuple[str, ...] = DEFAULT_DEMO_CONCEPTS
+    steps: int = 300
+    batch_size: int = 4
+    lr_neurons: float = 3e-4
+    lr_embedding: float = 5e-3
+    num_class_images: int = 8
+    images_per_prompt: int = 4
+    sample_steps: int = 30
+    guidance: float = 4.0
+    seed: int = 0
+    model: str | None = None
+    evaluator: str | None = None
+
+
+def _learn_config(s: DemoSettings) -> LearnConfig:
+    return LearnConfig(steps=s.steps, batch_size=s.batch_size, lr_neurons=s.lr_neurons, lr_embedding=s.lr_embedding,
+                       num_class_images=s.num_class_images, class_image_steps=s.sample_steps,
+                       class_image_guidance=s.guidance, seed=s.seed)
+
+
+def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
+    from ..evaluation.metrics import ClipScorer, ClipSettings, clip_i, clip_t, prepare_prompt
+    from ..generate import image_grid
+    from ..library import ConceptLibrary, ConceptSpec, read_prompt_file
+    from .concepts import get_concept, write_concept_folder
+    from .evaluator import EVALUATOR_PATH
+    from .pretrain import DEFAULT_MODEL_PATH
+
+    model = Path(settings.model or DEFAULT_MODEL_PATH)
+    if not (model / "model_index.json").is_file():
+        raise CNSError(f"no tiny-world model at {model}; pretrain one with `python -m cns.world.pretrain`")
+    started = time.perf_counter()
+    out = settings.out
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "images").mkdir(parents=True)
+    scorer = ClipScorer.from_pretrained(str(settings.evaluator or EVALUATOR_PATH), device="cpu")
+    metric = ClipSettings()
+
+    concepts = [get_concept(name) for name in settings.concepts]
+    folders = [write_concept_folder(c, out / "concepts" / c.name, seed=settings.seed) for c in concepts]
+    library = ConceptLibrary.create(out / "library", str(model), calibration_prompts=read_prompt_file(CALIBRATION_FILE))
+    references = {c.name: scorer.image_embeddings(_images(folder)) for c, folder in zip(concepts, folders)}
+
+    def draw(pipe, prompt: str, tag: str):
+        images = library.generate(prompt, n=settings.images_per_prompt, steps=settings.sample_steps,
+                                  guidance=settings.guidance, seed=settings.seed, pipe=pipe)
+        path = out / "images" / f"{tag}.png"
+        image_grid(images, cols=len(images)).save(path)
+        return images, path.relative_to(out).as_posix()
+
+    def score(images, prompt: str, names: list[str], tokens: dict[str, str]) -> dict:
+        embeddings = scorer.image_embeddings(images)
+        text = scorer.text_embeddings([prepare_prompt(prompt, tokens, metric)])
+        return {
+            "clip_i": sum(clip_i(embeddings, references[n], metric) for n in names) / len(names),
+            "clip_t": clip_t(embeddings, text, metric),
+        }
+
+    results = {"concepts": [], "multi": [], "settings": {k: str(v) for k, v in vars(settings).items()}}
+    base_pipe = library.load_pipeline()
+    config = _learn_config(settings)
+    learned: list[tuple] = []  # (concept, token)
+    for index, (concept, folder) in enumerate(zip(concepts, folders)):
+        prompt_without = concept_prompt(concept.kind, "", concept.class_word)
+        before_images, before_path = draw(base_pipe, prompt_without, f"{index + 1}-{concept.name}-before")
+        before = score(before_images, prompt_without, [concept.name], {})
+        t = time.perf_counter()
+        spec = ConceptSpec(folder, concept.class_word, captions_file=folder / "captions.json",
+                           class_prompt=_CLASS_PROMPTS[concept.kind].format(word=concept.class_word))
+        record = library.learn([spec], config, progress=progress)[0]
+        seconds = time.perf_counter() - t
+        learned.append((concept, record["token"]))
+        tokens = {tok: c.class_word for c, tok in learned}
+        pipe = library.load_pipeline()
+        prompt = concept_prompt(concept.kind, record["token"], concept.class_word)
+        after_images, after_path = draw(pipe, prompt, f"{index + 1}-{concept.name}-after")
+        after = score(after_images, prompt, [concept.name], tokens)
+        # every earlier concept, drawn again after this task: is it still there?
+        for c, token in learned[:-1]:
+            again = score(library.generate(concept_prompt(c.kind, token, c.class_word), n=settings.images_per_prompt,
+                                           steps=settings.sample_steps, guidance=settings.guidance,
+                                           seed=settings.seed, pipe=pipe),
+                          concept_prompt(c.kind, token, c.class_word), [c.name], tokens)
+            next(r for r in results["concepts"] if r["token"] == token)["after_later_tasks"].append(again["clip_i"])
+        results["concepts"].append({
+            "name": concept.name, "kind": concept.kind, "class_word": concept.class_word, "token": record["token"],
+            "description": concept.description, "examples": (Path("concepts") / concept.name).as_posix(),
+            "prompt": prompt, "before": before, "after": after, "before_image": before_path,
+            "after_image": after_path, "neurons": record["neurons"], "density": record["density"],
+            "learn_seconds": round(seconds, 1), "after_later_tasks": [],
+        })
+    pipe = library.load_pipeline()
+    tokens = {tok: c.class_word for c, tok in learned}
+    for prompt, names in _multi_prompts(learned):
+        images, path = draw(pipe, prompt, f"multi-{len(results['multi']) + 1}")
+        results["multi"].append({"prompt": prompt, "concepts": names, "image": path,
+                                 **score(images, prompt, names, tokens)})
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["metric"] = metric.describe()
+    results["library"] = library.summary()
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _write_report(out, results)
+    return results
+
+
+def _images(folder: Path):
+    from PIL import Image
+
+    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+
+
+def _multi_prompts(learned) -> list[tuple[str, list[str]]]:
+    """Prompts that combine the learned concepts: an object or creature, in a scene, in a style."""
+    by_kind = {}
+    for concept, token in learned:
+        by_kind.setdefault(concept.kind, (concept, token))
+    subject = by_kind.get("object") or by_kind.get("creature")
+    prompts = []
+    if subject and "scene" in by_kind:
+        (c, t), (s, st) = subject, by_kind["scene"]
+        prompts.append((f"a big {t} {c.class_word} in the center, on a {st} background, flat style", [c.name, s.name]))
+    if subject and "style" in by_kind:
+        (c, t), (y, yt) = subject, by_kind["style"]
+        prompts.append((f"a big {t} {c.class_word} in the center, on a gray background, {yt} style", [c.name, y.name]))
+    if subject and "scene" in by_kind and "style" in by_kind:
+        (c, t), (s, st), (y, yt) = subject, by_kind["scene"], by_kind["style"]
+        prompts.append((f"a big {t} {c.class_word} in the center, on a {st} background, {yt} style",
+                        [c.name, s.name, y.name]))
+    if "object" in by_kind and "creature" in by_kind:
+        (o, ot), (r, rt) = by_kind["object"], by_kind["creature"]
+        prompts.append((f"a big {ot} {o.class_word} on the left and a big {rt} {r.class_word} on the right, "
+                        "on a gray background, flat style", [o.name, r.name]))
+    return prompts
+
+
+def _write_report(out: Path, results: dict) -> None:
+    lines = [
+        "# cns demo: continual personalization on the tiny world",
+        "",
+        f"Concepts learned one after another with CNS into one model, in {results['seconds']:.0f} s. "
+        f"Metrics from the tiny world's CLIP evaluator ({results['metric']}).",
+        "",
+        "| # | concept | kind | token | neurons (share of K/V) | CLIP-I before | CLIP-I after | CLIP-I after all tasks "
+        "| CLIP-T after | learn time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, c in enumerate(results["concepts"], 1):
+        final = c["after_later_tasks"][-1] if c["after_later_tasks"] else c["after"]["clip_i"]
+        lines.append(
+            f"| {i} | {c['name']} | {c['kind']} | `{c['token']}` | {c['neurons']:,} ({c['density']:.2%}) | "
+            f"{c['before']['clip_i']:.3f} | {c['after']['clip_i']:.3f} | {final:.3f} | {c['after']['clip_t']:.3f} | "
+            f"{c['learn_seconds']:.0f} s |"
+        )
+    lines += ["", "## Each concept: its images, the base model, the personalized model", ""]
+    for c in results["concepts"]:
+        examples = " ".join(f"![]({c['examples']}/{p.name})" for p in sorted((out / c["examples"]).glob("*.png")))
+        lines += [
+            f"### `{c['token']}` — {c['name']} ({c['kind']}: {c['description']})",
+            "",
+            f"Its images: {examples}",
+            "",
+            f"Base model, class word only — `{c['prompt'].replace(c['token'] + ' ', '')}`:",
+            "",
+            f"![]({c['before_image']})",
+            "",
+            f"After learning it — `{c['prompt']}`:",
+            "",
+            f"![]({c['after_image']})",
+            "",
+        ]
+    if results["multi"]:
+        lines += ["## Several concepts in one prompt", "", "| prompt | CLIP-I (mean over its concepts) | CLIP-T |",
+                  "|---|---|---|"]
+        lines += [f"| `{m['prompt']}` | {m['clip_i']:.3f} | {m['clip_t']:.3f} |" for m in results["multi"]]
+        lines.append("")
+        for m in results["multi"]:
+            lines += [f"`{m['prompt']}`", "", f"![]({m['image']})", ""]
+    (out / "report.md").write_text("\n".join(lines))

@@ -1,0 +1,365 @@
+"""Pretraining of the tiny world's text-to-image model: a real diffusers
+``StableDiffusionPipeline`` (CLIP tokenizer and text encoder, ``AutoencoderKL``,
+``UNet2DConditionModel`` with cross-attention, DDIM sampler), small enough for 2 CPU cores.
+
+    python -m cns.world.pretrain --work world-pretrain --out src/cns/world/weights/tiny-world
+
+Two stages, both resumable from the work folder (checkpoints every ``--checkpoint-every``
+steps, safetensors + JSON only): the VAE on rendered scenes, then the UNet and the text
+encoder together on the VAE's latents, with classifier-free-guidance caption dropout and
+captions whose attributes are left out at random (:func:`cns.world.dataset.training_caption`).
+Every random draw comes from a generator seeded by (seed, stage, step), so a resumed run
+draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["TinyWorldConfig", "build_tokenizer", "build_components", "pretrain", "DEFAULT_MODEL_PATH"]
+
+DEFAULT_MODEL_PATH = Path(__file__).with_name("weights") / "tiny-world"
+EXTRA_WORDS = ("photo", "of", ",", "<|endoftext|>")
+
+
+@dataclass
+class TinyWorldConfig:
+    image_size: int = 64
+    vae_channels: tuple[int, ...] = (16, 32, 64, 128)  # 3 downsamplings: 64 px -> 8x8 latents
+    latent_channels: int = 8  # 8x8x8 = 512 numbers for 64x64x3: details of decorations survive
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_heads: int = 4
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    max_length: int = 32
+    pool_size: int = 16000
+    vae_steps: int = 1500
+    vae_batch: int = 24
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    unet_steps: int = 5000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    caption_dropout: float = 0.1  # empty caption: classifier-free guidance
+    attribute_drop: float = 0.15
+    ema_decay: float = 0.999
+    warmup: int = 200
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def build_tokenizer(max_length: int = 32):
+    from .render import vocabulary_words
+    from .tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer(list(vocabulary_words()) + [w for w in EXTRA_WORDS if not w.startswith("<")],
+                                model_max_length=max_length)
+
+
+def build_components(config: TinyWorldConfig, tokenizer):
+    """Fresh (random) VAE, text encoder, UNet and sampler of the tiny world's model."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(config.seed)
+    levels = len(config.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=config.latent_channels,
+        block_out_channels=config.vae_channels, layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        sample_size=config.image_size,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=4 * config.text_width,
+        num_hidden_layers=config.text_layers, num_attention_heads=config.text_heads,
+        max_position_embeddings=config.max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    n = len(config.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=config.image_size // 2 ** (levels - 1),
+        in_channels=config.latent_channels, out_channels=config.latent_channels,
+        block_out_channels=config.unet_channels, layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=config.text_width, attention_head_dim=config.unet_heads, norm_num_groups=32,
+    )
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return vae, text_encoder, unet, scheduler
+
+
+# ------------------------------------------------------------------ checkpoints (no pickle)
+
+
+def _save_checkpoint(folder: Path, name: str, modules: dict, optimizer, step: int, extra: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for prefix, module in modules.items():
+        for key, value in module.state_dict().items():
+            tensors[f"model/{prefix}/{key}"] = value.detach().contiguous()
+    names = {id(p): f"{prefix}/{key}" for prefix, m in modules.items() for key, p in m.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"optim/{names[id(p)]}/{key}"] = value.detach().contiguous().reshape(value.shape)
+    tmp = folder / f".{name}.tmp"
+    save_file(tensors, tmp)
+    os.replace(tmp, folder / f"{name}.safetensors")
+    (folder / f".{name}.json.tmp").write_text(json.dumps({"step": step, **(extra or {})}))
+    os.replace(folder / f".{name}.json.tmp", folder / f"{name}.json")
+
+
+def _load_checkpoint(folder: Path, name: str, modules: dict, optimizer) -> int:
+    from safetensors.torch import load_file
+
+    path = folder / f"{name}.safetensors"
+    if not path.exists():
+        return 0
+    tensors = load_file(path)
+    for prefix, module in modules.items():
+        module.load_state_dict({k.split("/", 2)[2]: v for k, v in tensors.items()
+                                if k.startswith(f"model/{prefix}/")})
+    params = {f"{prefix}/{key}": p for prefix, m in modules.items() for key, p in m.named_parameters()}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, rest = key.split("/", 1)
+            pname, state_key = rest.rsplit("/", 1)
+            optimizer.state[params[pname]][state_key] = value.reshape(value.shape) if value.dim() else value
+    return json.loads((folder / f"{name}.json").read_text())["step"]
+
+
+def _lr(step: int, steps: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _generator(seed: int, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_003 + step)
+
+
+def _to_pixels(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# ------------------------------------------------------------------ stages
+
+
+def train_vae(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, progress=True) -> dict:
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
+    start = _load_checkpoint(work, "vae", {"vae": vae}, optimizer)
+    vae.train()
+    bar = tqdm(range(start, config.vae_steps), initial=start, total=config.vae_steps, desc="VAE",
+               disable=not progress, dynamic_ncols=True)
+    recent = []
+    for step in bar:
+        g = _generator(config.seed, 1, step)
+        batch = _to_pixels(images[torch.randint(len(images), (config.vae_batch,), generator=g).numpy()])
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, config.vae_steps, config.vae_lr, config.warmup)
+        posterior = vae.encode(batch).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        mse = F.mse_loss(recon, batch)
+        loss = mse + F.l1_loss(recon, batch) + config.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        recent = (recent + [float(mse)])[-50:]
+        bar.set_postfix(mse=f"{sum(recent) / len(recent):.4f}")
+        if (step + 1) % config.extra.get("checkpoint_every", 250) == 0 or step + 1 == config.vae_steps:
+            _save_checkpoint(work, "vae", {"vae": vae}, optimizer, step + 1, {"mse": sum(recent) / len(recent)})
+    vae.eval()
+    return {"mse_last50": sum(recent) / len(recent) if recent else None}
+
+
+@torch.no_grad()
+def vae_reconstruction_mse(vae, images: np.ndarray, batch: int = 64) -> float:
+    """Mean squared error (pixels in [-1, 1]) of decode(mean of encode(x))."""
+    errors = []
+    for start in range(0, len(images), batch):
+        x = _to_pixels(images[start:start + batch])
+        errors.append(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x, reduction="sum").item())
+    return sum(errors) / (len(images) * images[0].size)
+
+
+@torch.no_grad()
+def encode_pool(vae, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for start in range(0, len(images), batch):
+        dist = vae.encode(_to_pixels(images[start:start + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config: TinyWorldConfig, work: Path,
+               progress=True) -> dict:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+    from tqdm.auto import tqdm
+
+    from .dataset import training_caption
+
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    means, stds = latents
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay)
+    ema_path = work / "unet_ema.safetensors"
+    start = _load_checkpoint(work, "unet", {"unet": unet, "text_encoder": text_encoder}, optimizer)
+    if start and ema_path.exists():
+        from safetensors.torch import load_file
+
+        stored = load_file(ema_path)
+        ema.shadow_params = [stored[f"{i}"] for i in range(len(stored))]
+        ema.optimization_step = start
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(range(start, config.unet_steps), initial=start, total=config.unet_steps, desc="UNet + text encoder",
+               disable=not progress, dynamic_ncols=True)
+    recent = []
+    for step in bar:
+        g = _generator(config.seed, 2, step)
+        pick = torch.randint(len(means), (config.unet_batch,), generator=g)
+        rng = np.random.default_rng([config.seed, 2, step])
+        captions = [
+            "" if rng.random() < config.caption_dropout else training_caption(scenes[i], rng, config.attribute_drop)
+            for i in pick.tolist()
+        ]
+        x = (means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=g)) * config.extra["scaling_factor"]
+        noise = torch.randn(x.shape, generator=g)
+        t = torch.randint(noise_scheduler.config.num_train_timesteps, (x.shape[0],), generator=g)
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, config.unet_steps, config.unet_lr, config.warmup)
+        prediction = unet(noise_scheduler.add_noise(x, noise, t), t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema.step(unet.parameters())
+        recent = (recent + [float(loss)])[-100:]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
+        if (step + 1) % config.extra.get("checkpoint_every", 250) == 0 or step + 1 == config.unet_steps:
+            from safetensors.torch import save_file
+
+            save_file({f"{i}": p.contiguous() for i, p in enumerate(ema.shadow_params)}, work / ".unet_ema.tmp")
+            os.replace(work / ".unet_ema.tmp", ema_path)
+            _save_checkpoint(work, "unet", {"unet": unet, "text_encoder": text_encoder}, optimizer, step + 1,
+                             {"loss": sum(recent) / len(recent)})
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    text_encoder.eval()
+    return {"loss_last100": sum(recent) / len(recent) if recent else None}
+
+
+# ------------------------------------------------------------------ the command
+
+
+def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, progress: bool = True) -> dict:
+    """Run (or resume) both stages and save the pipeline to ``out``; returns a report."""
+    from diffusers import StableDiffusionPipeline
+
+    from .dataset import render_pool
+
+    work.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in asdict(config).items() if k != "extra"}
+    settings_path = work / "config.json"
+    if settings_path.exists() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
+        raise SystemExit(f"{work} holds a run with other settings; use another --work folder")
+    settings_path.write_text(json.dumps(settings, indent=2))
+    times = {}
+    started = time.perf_counter()
+    scenes, images = render_pool(config.pool_size, config.seed, "train", config.image_size, work / "pool",
+                                 workers=workers, progress=progress)
+    times["render_s"] = time.perf_counter() - started
+
+    tokenizer = build_tokenizer(config.max_length)
+    vae, text_encoder, unet, scheduler = build_components(config, tokenizer)
+    t = time.perf_counter()
+    vae_report = train_vae(vae, images, config, work, progress)
+    times["vae_s"] = time.perf_counter() - t
+    vae.requires_grad_(False)
+
+    t = time.perf_counter()
+    latents_path = work / "latents.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    if latents_path.exists():
+        stored = load_file(latents_path)
+        latents = (stored["mean"], stored["std"])
+    else:
+        latents = encode_pool(vae, images)
+        save_file({"mean": latents[0].contiguous(), "std": latents[1].contiguous()}, latents_path)
+    scaling = float(1.0 / latents[0].std())
+    vae.register_to_config(scaling_factor=scaling)
+    config.extra["scaling_factor"] = scaling
+    times["encode_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    unet_report = train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config, work, progress)
+    times["unet_s"] = time.perf_counter() - t
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out, safe_serialization=True)
+    sizes = {c: sum(p.numel() for p in getattr(pipe, c).parameters()) for c in ("vae", "text_encoder", "unet")}
+    report = {
+        "config": settings,
+        "parameters": sizes,
+        "scaling_factor": scaling,
+        "vae": vae_report,
+        "unet": unet_report,
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "torch_threads": torch.get_num_threads(),
+    }
+    (work / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="world-pretrain", help="work folder: pool cache, checkpoints (resumable)")
+    parser.add_argument("--out", default=str(DEFAULT_MODEL_PATH), help="where the diffusers pipeline is saved")
+    parser.add_argument("--workers", type=int, default=2, help="render processes")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    for name, value in asdict(TinyWorldConfig()).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TinyWorldConfig(**{k: getattr(args, k) for k in asdict(TinyWorldConfig()) if hasattr(args, k)
+                                and k not in ("extra",) and not isinstance(getattr(args, k), (tuple, dict))})
+    config.extra["checkpoint_every"] = args.checkpoint_every
+    report = pretrain(Path(args.work), Path(args.out), config, workers=args.workers)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
