@@ -1,0 +1,62 @@
+"""Pretraining pieces: the tokenizer covers the world, checkpoints resume exactly (no pickle)."""
+
+import torch
+from torch import nn
+
+from cns.world.pretrain import TinyWorldConfig, _load_checkpoint, _lr, _save_checkpoint, build_components, build_tokenizer
+from cns.world.render import vocabulary_words
+
+
+def test_every_world_word_is_one_token():
+    tokenizer = build_tokenizer()
+    for word in vocabulary_words():
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tokenizer("a big red star on the left, on a striped background, outline style").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 17  # 13 words, 2 commas
+
+
+def test_components_are_a_stable_diffusion_layout():
+    config = TinyWorldConfig()
+    vae, text_encoder, unet, scheduler = build_components(config, build_tokenizer())
+    assert unet.config.cross_attention_dim == text_encoder.config.hidden_size
+    assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == config.image_size
+    assert unet.config.in_channels == vae.config.latent_channels
+    assert scheduler.config.clip_sample is False  # clipping latents to [-1, 1] turns samples to noise
+
+
+def _model_and_optimizer(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+
+def _step(model, optimizer, seed):
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(seed))
+    model(x).pow(2).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
+    straight, opt = _model_and_optimizer(0)
+    for s in range(4):
+        _step(straight, opt, s)
+
+    first, opt1 = _model_and_optimizer(0)
+    for s in range(2):
+        _step(first, opt1, s)
+    _save_checkpoint(tmp_path, "ckpt", {"m": first}, opt1, step=2)
+    resumed, opt2 = _model_and_optimizer(123)  # different init: everything must come from the file
+    assert _load_checkpoint(tmp_path, "ckpt", {"m": resumed}, opt2) == 2
+    for s in range(2, 4):
+        _step(resumed, opt2, s)
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    assert _load_checkpoint(tmp_path, "missing", {"m": resumed}, opt2) == 0
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    assert _lr(0, 100, 1.0, 10) == 0.1
+    assert _lr(9, 100, 1.0, 10) == 1.0
+    assert abs(_lr(100, 100, 1.0, 10) - 0.1) < 1e-9
+    assert _lr(50, 100, 1.0, 10) < _lr(20, 100, 1.0, 10)
