@@ -187,3 +187,13 @@ def test_ablation_neuron_sets(empty_library, concept_folders, neurons):
         assert all(m.all() for m in masks[1].values())
     else:
         assert records[0]["neurons"] == selected  # same count as CNS would select
+
+
+def test_an_empty_concept_mask_is_explained_and_leaves_the_library_as_it_was(empty_library, concept_folders):
+    before = sorted(p.relative_to(empty_library.path) for p in empty_library.path.rglob("*") if p.name != ".lock")
+    # calibration prompts equal to the captions: every base neuron is general, none is left
+    with pytest.raises(CNSError, match=r"no concept neurons for <new1>.*general.*select-ratio"):
+        empty_library.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(),
+                            calibration_prompts=["a photo of a dog"], progress=False)
+    after = sorted(p.relative_to(empty_library.path) for p in empty_library.path.rglob("*") if p.name != ".lock")
+    assert after == before  # no task, and no class images generated for a refused task

@@ -63,5 +63,14 @@ class LearnConfig:
             raise CNSError("steps must be >= 0 and batch size >= 1")
         if self.resolution is not None and self.resolution < 1:
             raise CNSError(f"resolution must be a positive number of pixels, got {self.resolution}")
+        if self.num_class_images < 0:
+            raise CNSError(f"the number of class images must be >= 0, got {self.num_class_images}")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise CNSError(f"unknown device {self.device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise CNSError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}")

@@ -25,6 +25,7 @@ import os
 import re
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -337,7 +338,6 @@ class ConceptLibrary:
                 p["token"] = next_free_token(used, vocabulary)
             validate_new_token(p["token"], used, pipe.tokenizer)
             used.append(p["token"])
-        prior_sets = [self._prior_examples(pipe, p, config, resolution, progress) for p in prepared]
         self.apply(pipe)
 
         # --- selection (Eq. 3-6) on W_{m-1}, before the new tokens exist ---
@@ -366,6 +366,10 @@ class ConceptLibrary:
                     "or give captions that describe the images"
                 )
             p["mask"], p["selection"] = mask, selection.report
+
+        # --- prior preservation images, drawn by W_0 (after every check that can refuse the task) ---
+        with _kv_weights(pipe, pretrained):
+            prior_sets = [self._prior_examples(pipe, p, config, resolution, progress) for p in prepared]
 
         # --- new tokens, initialised from their class words ---
         ids = add_tokens(pipe.tokenizer, pipe.text_encoder, [p["token"] for p in prepared])
@@ -638,6 +642,22 @@ class ConceptLibrary:
             "kv_untouched_fraction": 1 - touched / total if total else 1.0,
             "concepts": concepts,
         }
+
+
+@contextmanager
+def _kv_weights(pipe, weights: dict[str, torch.Tensor]):
+    """Temporarily give ``pipe`` the K/V ``weights`` (e.g. W_0), restoring its own on exit."""
+    layers = cross_attention_kv_layers(pipe.unet)
+    own = {n: layers[n].weight.detach().clone() for n in weights}
+    try:
+        with torch.no_grad():
+            for n, w in weights.items():
+                layers[n].weight.copy_(w)
+        yield pipe
+    finally:
+        with torch.no_grad():
+            for n, w in own.items():
+                layers[n].weight.copy_(w)
 
 
 def _union(masks: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ def validate_new_token(token: str, library_tokens: Iterable[str], tokenizer) -> 
     if not TOKEN_PATTERN.fullmatch(token):
         raise CNSError(f"token {token!r} must look like <name>: angle brackets, no spaces")
     if token in set(library_tokens):
-        raise CNSError(f"token {token} is already used by a concept in this library")
+        raise CNSError(f"token {token} is already used by another concept (in this library or this task)")
     vocab = tokenizer.get_vocab()
     if token in vocab or f"{token}</w>" in vocab:
         raise CNSError(f"token {token} is already in the tokenizer's vocabulary; choose another")

@@ -125,7 +125,7 @@ def train_task(
 
     if accelerator is None:
         accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
-    device = accelerator.device
+    device = torch.device(config.device) if config.device else accelerator.device
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     for module in (unet, text_encoder, vae):
         module.requires_grad_(False)
