@@ -3,6 +3,7 @@ plus the token (Custom Diffusion's trainable set), same model, batch and resolut
 
     python benchmarks/train_step.py --model dummy
     python benchmarks/train_step.py --model sd15 --resolution 256 --steps 4 --repeats 3
+    python benchmarks/train_step.py --model src/cns/world/weights/tiny-world --batch-size 4
 
 Methods alternate (CNS, plain, CNS, plain, ...) so drift on a noisy machine hits both; the
 first step of every run is dropped as warm-up; the figure is the median over all kept steps.
@@ -32,7 +33,8 @@ from cns.training import Example, train_task  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["dummy", "sd15"], default="dummy")
+    parser.add_argument("--model", default="dummy",
+                        help="dummy (built in code), sd15 (SD-1.5 architecture, random weights) or a diffusers folder")
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20, help="steps per run")
@@ -42,7 +44,14 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    pipe = make_dummy_pipeline() if args.model == "dummy" else make_sd15_architecture()
+    if args.model == "dummy":
+        pipe = make_dummy_pipeline()
+    elif args.model == "sd15":
+        pipe = make_sd15_architecture()
+    else:
+        from cns.library import load_base_pipeline
+
+        pipe = load_base_pipeline(args.model)
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     layers = cross_attention_kv_layers(pipe.unet)
     weights = {n: l.weight.detach() for n, l in layers.items()}
