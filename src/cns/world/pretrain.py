@@ -35,9 +35,10 @@ EXTRA_WORDS = ("photo", "of", ",", "<|endoftext|>")
 
 @dataclass
 class TinyWorldConfig:
-    image_size: int = 64
-    vae_channels: tuple[int, ...] = (16, 32, 64, 128)  # 3 downsamplings: 64 px -> 8x8 latents
-    latent_channels: int = 8  # 8x8x8 = 512 numbers for 64x64x3: details of decorations survive
+    image_size: int = 32  # measured: a 64 px world needs a VAE too slow to train on 2 cores (see docs)
+    render_size: int = 64  # scenes are rendered at 64 px and downsampled (anti-aliased)
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # 2 downsamplings: 32 px -> 8x8 latents
+    latent_channels: int = 4
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_heads: int = 4
     text_width: int = 128
@@ -45,10 +46,10 @@ class TinyWorldConfig:
     text_heads: int = 4
     max_length: int = 32
     pool_size: int = 16000
-    vae_steps: int = 5000
-    vae_batch: int = 16
-    vae_crop: int = 32  # the VAE is fully convolutional: train on random crops, 4x cheaper than 64 px
-    vae_lr: float = 1e-3
+    vae_steps: int = 2500
+    vae_batch: int = 32
+    vae_crop: int = 0  # > 0: train the (fully convolutional) VAE on random crops of this size
+    vae_lr: float = 1.5e-3
     kl_weight: float = 1e-6
     unet_steps: int = 3000
     unet_batch: int = 32
@@ -153,6 +154,15 @@ def _lr(step: int, steps: int, base: float, warmup: int) -> float:
 
 def _generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + stage * 100_003 + step)
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images (n, h, w, 3) resized to ``size`` (Lanczos), as the pipeline will see them."""
+    if images.shape[1] == size:
+        return images
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.LANCZOS)) for im in images])
 
 
 def _to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -295,8 +305,9 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     settings_path.write_text(json.dumps(settings, indent=2))
     times = {}
     started = time.perf_counter()
-    scenes, images = render_pool(config.pool_size, config.seed, "train", config.image_size, work / "pool",
+    scenes, images = render_pool(config.pool_size, config.seed, "train", config.render_size, work / "pool",
                                  workers=workers, progress=progress)
+    images = resize_images(images, config.image_size)
     times["render_s"] = time.perf_counter() - started
 
     tokenizer = build_tokenizer(config.max_length)
