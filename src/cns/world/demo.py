@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,13 +86,19 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     if out.exists():
         shutil.rmtree(out)
     (out / "images").mkdir(parents=True)
-    scorer = ClipScorer.from_pretrained(str(settings.evaluator or EVALUATOR_PATH), device="cpu")
+    evaluator = Path(settings.evaluator or EVALUATOR_PATH)
+    scorer = ClipScorer.from_pretrained(str(evaluator), device="cpu") if (evaluator / "config.json").is_file() else None
+    if scorer is None:
+        warnings.warn(f"no evaluator at {evaluator}: the demo draws, but cannot measure CLIP-I / CLIP-T")
     metric = ClipSettings()
 
     concepts = [get_concept(name) for name in settings.concepts]
     folders = [write_concept_folder(c, out / "concepts" / c.name, seed=settings.seed) for c in concepts]
     library = ConceptLibrary.create(out / "library", str(model), calibration_prompts=read_prompt_file(CALIBRATION_FILE))
-    references = {c.name: scorer.image_embeddings(_images(folder)) for c, folder in zip(concepts, folders)}
+    # references at the model's resolution, so that generated and reference images are equally sharp
+    size = library.base_model["resolution"]
+    references = {c.name: scorer.image_embeddings(_images(folder, size)) for c, folder in zip(concepts, folders)} \
+        if scorer else {}
 
     def draw(pipe, prompt: str, tag: str):
         images = library.generate(prompt, n=settings.images_per_prompt, steps=settings.sample_steps,
@@ -101,6 +108,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         return images, path.relative_to(out).as_posix()
 
     def score(images, prompt: str, names: list[str], tokens: dict[str, str]) -> dict:
+        if scorer is None:
+            return {"clip_i": float("nan"), "clip_t": float("nan")}
         embeddings = scorer.image_embeddings(images)
         text = scorer.text_embeddings([prepare_prompt(prompt, tokens, metric)])
         return {
@@ -148,17 +157,17 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         results["multi"].append({"prompt": prompt, "concepts": names, "image": path,
                                  **score(images, prompt, names, tokens)})
     results["seconds"] = round(time.perf_counter() - started, 1)
-    results["metric"] = metric.describe()
+    results["metric"] = metric.describe() if scorer else "no evaluator: not measured"
     results["library"] = library.summary()
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _write_report(out, results)
     return results
 
 
-def _images(folder: Path):
+def _images(folder: Path, size: int):
     from PIL import Image
 
-    return [Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))]
+    return [Image.open(p).convert("RGB").resize((size, size), Image.LANCZOS) for p in sorted(folder.glob("*.png"))]
 
 
 def _multi_prompts(learned) -> list[tuple[str, list[str]]]:
