@@ -42,7 +42,7 @@ from .model import cross_attention_kv_layers, encode_prompts, kv_fingerprint, la
 from .neurons import density, or_masks, random_mask_like, regularization_mask
 from .selection import select_concept_neurons
 from .sparse import pack_mask, unpack_mask
-from .storage import exclusive_lock, file_sha256, fsync_tree, read_json, remove_tree, write_json_atomic
+from .storage import disk_error, exclusive_lock, file_sha256, fsync_tree, read_json, remove_tree, write_json_atomic
 from .tokens import add_tokens, class_word_embedding, find_tokens, next_free_token, validate_new_token
 
 __all__ = ["FORMAT_VERSION", "ConceptSpec", "ConceptLibrary", "load_base_pipeline", "default_calibration_prompts"]
@@ -533,9 +533,7 @@ class ConceptLibrary:
             os.replace(staging, target)
         except OSError as exc:
             remove_tree(staging)
-            from .storage import _disk_error
-
-            raise _disk_error(exc, staging) from None
+            raise disk_error(exc, staging) from None
         except BaseException:
             remove_tree(staging)
             raise
@@ -603,9 +601,7 @@ class ConceptLibrary:
             os.replace(staging, out)
         except OSError as exc:
             remove_tree(staging)
-            from .storage import _disk_error
-
-            raise _disk_error(exc, out) from None
+            raise disk_error(exc, out) from None
         except BaseException:
             remove_tree(staging)
             raise

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .errors import CNSError, LibraryLockedError
 
-__all__ = ["write_json_atomic", "read_json", "file_sha256", "fsync_tree", "exclusive_lock", "remove_tree"]
+__all__ = ["disk_error", "write_json_atomic", "read_json", "file_sha256", "fsync_tree", "exclusive_lock", "remove_tree"]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -42,7 +42,7 @@ def write_json_atomic(path: Path, data) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _disk_error(exc, path) from None
+        raise disk_error(exc, path) from None
     _fsync_dir(path.parent)
 
 
@@ -77,7 +77,7 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _disk_error(exc: OSError, path: Path) -> CNSError:
+def disk_error(exc: OSError, path: Path) -> CNSError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return CNSError(f"disk full while writing {path}; the library is unchanged")
     return CNSError(f"cannot write {path}: {exc.strerror or exc}")
