@@ -1,0 +1,1053 @@
+"""The tiny world's CLIP evaluator: a small ``transformers.CLIPModel`` trained on rendered scenes.
+
+It plays the part real CLIP plays for Stable Diffusion: CLIP-I (image-image cosine), CLIP-T
+(image-prompt cosine) and zero-shot attribute classification of generated images, loaded with
+``cns.evaluation.ClipScorer.from_pretrained(EVALUATOR_PATH)`` like any CLIP checkpoint.
+
+Training (``python -m cns.world.evaluator train --out DIR --steps N --seed S``):
+
+- data: a pool of rendered scenes (pre-rendered once, cached on disk, reused across epochs)
+  drawn from the whole base world (both sampler splits, so held-out (class, color) and
+  (class, background) pairs are included; ``--no-heldout`` keeps them out), with 0 to 2
+  decorations per object, some recolored creature parts, and some unnamed style and background
+  recipes (never a personal concept's recipe, nor a look reserved for a personal concept);
+- text: the full caption or a *partial* description (``a photo of a star``, ``a red object``,
+  ``a small red star with white dots``, ``on a striped background``, ``outline style`` ...)
+  drawn fresh every step, in exactly the prompt forms `attribute_prompts` evaluates with;
+- loss: CLIP's symmetric InfoNCE with a learnable temperature, with multi-positive targets
+  (each description is matched against every image of the batch, `Description.matches`, so a
+  batch holding two stars does not teach "a photo of a star" to reject one of them); plus the
+  zero-shot classification loss of each image against all attribute prompts, and auxiliary
+  linear heads on the image embedding (attributes, decorations, part colors, style and
+  background primitives; discarded after training). Without them the text tower cannot tell
+  shape words apart until the image tower encodes shape, and vice versa: shape stays at chance.
+
+``python -m cns.world.evaluator eval --model DIR`` prints zero-shot attribute accuracy on
+fresh single-object renders (train and held-out split) and, for every personal concept,
+CLIP-I among the concept's images versus CLIP-I against images of its plain class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import string
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from cns.world.render import (
+    BACKGROUNDS,
+    PLAIN_BACKGROUNDS,
+    SHAPES,
+    Background,
+    Style,
+    COLORS,
+    DECORATIONS,
+    INCOMPATIBLE_DECORATIONS,
+    MIN_COLOR_DISTANCE,
+    OBJECT_CLASSES,
+    POSITION_PAIRS,
+    POSITION_PHRASES,
+    POSITIONS,
+    SIZES,
+    STYLES,
+    Decoration,
+    ObjectSpec,
+    Scene,
+    caption,
+    color_distance,
+    decoration_phrase,
+    has_enough_contrast,
+    is_held_out,
+    render,
+    sample_object,
+    sample_scene,
+    uses_reserved_look,
+    vocabulary_words,
+)
+
+EVALUATOR_PATH = Path(__file__).resolve().parent / "weights" / "evaluator"
+IMAGE_SIZE = 64
+MAX_TEXT_LENGTH = 77
+POOL_VERSION = 2  # bump when the training scene distribution changes (invalidates caches)
+
+# Extra words of the evaluator prompts (beyond the caption vocabulary), and every printable
+# ASCII character as a one-character word so that punctuation, digits and personal tokens
+# such as "<new1>" tokenize to known symbols instead of the unknown (= end-of-text) token.
+PROMPT_WORDS: tuple[str, ...] = ("photo", "of", "object", "depicts", "picture", "image")
+CHAR_WORDS: tuple[str, ...] = tuple(c for c in string.printable if not c.isspace())
+
+# ---------------------------------------------------------------------------
+# Zero-shot attribute prompts (training descriptions use the same forms)
+# ---------------------------------------------------------------------------
+
+ATTRIBUTE_LABELS: dict[str, tuple[str, ...]] = {
+    "shape": OBJECT_CLASSES,
+    "color": tuple(COLORS),
+    "background": tuple(BACKGROUNDS),
+    "style": tuple(STYLES),
+}
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def shape_prompt(shape: str) -> str:
+    """'a photo of a star' (also creatures: 'a photo of a robot')."""
+    return f"a photo of {_article(shape)} {shape}"
+
+
+def color_prompt(color: str) -> str:
+    """'a red object', 'an orange object'."""
+    return f"{_article(color)} {color} object"
+
+
+def background_prompt(background: str) -> str:
+    """'on a striped background'."""
+    return f"on a {background} background"
+
+
+def style_prompt(style: str) -> str:
+    """'outline style'."""
+    return f"{style} style"
+
+
+_PROMPT_FUNCTIONS = {"shape": shape_prompt, "color": color_prompt, "background": background_prompt,
+                     "style": style_prompt}
+
+
+def attribute_prompts(attribute: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(labels, prompts) for one attribute: shape, color, background or style."""
+    labels = ATTRIBUTE_LABELS[attribute]
+    return labels, tuple(_PROMPT_FUNCTIONS[attribute](x) for x in labels)
+
+
+def scene_attribute(scene: Scene, attribute: str) -> str:
+    """The true label of a single-object scene for one attribute."""
+    obj = scene.objects[0]
+    return {"shape": obj.shape, "color": obj.color, "background": scene.background, "style": scene.style}[attribute]
+
+
+# ---------------------------------------------------------------------------
+# Training scenes
+# ---------------------------------------------------------------------------
+
+
+# Creature parts a training object may recolor (personal creatures recolor parts too).
+RECOLORABLE_PARTS: dict[str, tuple[str, ...]] = {
+    "robot": ("head", "arms", "tip", "legs"),
+    "bird": ("head", "wing", "tail"),
+    "fish": ("tail", "fin"),
+}
+NOVEL_STYLE_PROB = 0.2  # share of training scenes drawn in an unnamed style recipe
+NOVEL_BACKGROUND_PROB = 0.2  # ... on an unnamed background recipe
+PART_COLOR_PROB = 0.3  # share of creatures with recolored parts
+
+# Colors that unnamed background recipes use (the 8 color words and the plain backgrounds).
+PALETTE: tuple[tuple[int, int, int], ...] = tuple(COLORS.values()) + tuple(BACKGROUNDS[k].base for k in PLAIN_BACKGROUNDS)
+STYLE_FILLS: tuple[str, ...] = ("solid", "none", "hatch", "crosshatch", "halftone")
+PIXEL_CELLS: tuple[int, ...] = (12, 14, 16, 18, 20, 24)
+PATTERNS: tuple[str, ...] = ("plain", "stripes", "dots", "checks", "grid", "motifs")
+PERIODS: tuple[float, ...] = (1 / 4, 1 / 5, 1 / 6, 1 / 8, 1 / 10)
+
+
+def _concept_recipes() -> tuple[set, set]:
+    from cns.world.concepts import CONCEPTS
+
+    return ({c.style for c in CONCEPTS if c.style is not None},
+            {c.background for c in CONCEPTS if c.background is not None})
+
+
+def sample_novel_style(rng: np.random.Generator) -> Style:
+    """An unnamed style recipe: not a base style and not a personal concept's recipe."""
+    concept_styles, _ = _concept_recipes()
+    while True:
+        pixel = int(rng.choice(PIXEL_CELLS)) if rng.random() < 0.35 else 0
+        style = Style(
+            fill=str(rng.choice(STYLE_FILLS)),
+            outlines=int(rng.integers(3)),
+            pixel_cells=pixel,
+            cell_gaps=bool(pixel and rng.random() < 0.5),
+        )
+        if style.fill == "none" and style.outlines == 0:
+            continue
+        if style in STYLES.values() or style in concept_styles:
+            continue
+        return style
+
+
+def sample_novel_background(rng: np.random.Generator) -> Background:
+    """An unnamed background recipe: not a base background and not a personal concept's recipe."""
+    _, concept_backgrounds = _concept_recipes()
+    while True:
+        pattern = str(rng.choice(PATTERNS))
+        base = PALETTE[int(rng.integers(len(PALETTE)))]
+        ink = PALETTE[int(rng.integers(len(PALETTE)))]
+        if pattern == "plain":
+            ink = (0, 0, 0)
+        elif color_distance(base, ink) < 60:
+            continue
+        background = Background(
+            pattern=pattern,
+            base=base,
+            ink=ink,
+            period=float(rng.choice(PERIODS)) if pattern != "plain" else 1 / 8,
+            diagonal=bool(pattern == "stripes" and rng.random() < 0.5),
+            motif=str(rng.choice(SHAPES)) if pattern == "motifs" else "star",
+            motif_scale=float(rng.choice((0.26, 0.4))) if pattern == "motifs" else 0.26,
+        )
+        if background in BACKGROUNDS.values() or background in concept_backgrounds:
+            continue
+        return background
+
+
+def sample_training_object(rng: np.random.Generator, position: str, max_decorations: int = 2) -> ObjectSpec:
+    """A base-world object with 0..max_decorations decorations (classes drawn uniformly);
+    creatures sometimes have recolored parts."""
+    shape = str(rng.choice(OBJECT_CLASSES))
+    color = str(rng.choice(list(COLORS)))
+    size = str(rng.choice(list(SIZES)))
+    n_deco = int(rng.choice(3, p=(0.45, 0.35, 0.2)))
+    n_deco = min(n_deco, max_decorations)
+    kinds = [k for k in DECORATIONS if k not in INCOMPATIBLE_DECORATIONS.get(shape, ())]
+    colors = [c for c in COLORS if color_distance(COLORS[c], COLORS[color]) >= MIN_COLOR_DISTANCE]
+    chosen = rng.choice(len(kinds), size=n_deco, replace=False) if n_deco else []
+    decorations = tuple(Decoration(kinds[int(k)], str(rng.choice(colors))) for k in chosen)
+    parts: tuple[tuple[str, str], ...] = ()
+    if shape in RECOLORABLE_PARTS and rng.random() < PART_COLOR_PROB:
+        names = RECOLORABLE_PARTS[shape]
+        picked = rng.choice(len(names), size=int(rng.integers(1, len(names) + 1)), replace=False)
+        parts = tuple((names[int(k)], str(rng.choice([c for c in COLORS if c != color]))) for k in sorted(picked))
+    offset = (float(rng.uniform(-0.02, 0.02)), float(rng.uniform(-0.02, 0.02)))
+    return ObjectSpec(shape, color, size, position, decorations, part_colors=parts, offset=offset)
+
+
+def sample_training_scene(rng: np.random.Generator, heldout: bool = True, one_object_prob: float = 0.6) -> Scene:
+    """A random scene of the evaluator's training distribution.
+
+    Like `sample_scene` but with up to two decorations per object, uniform classes, some
+    recolored creature parts, and some unnamed style / background recipes (never those of a
+    personal concept); with ``heldout`` the held-out combinations of the generator's
+    pretraining split are allowed too. Looks reserved for personal concepts are never drawn.
+    """
+    for _ in range(10_000):
+        if rng.random() < one_object_prob:
+            positions: tuple[str, ...] = (str(rng.choice(list(POSITIONS))),)
+        else:
+            positions = POSITION_PAIRS[int(rng.integers(len(POSITION_PAIRS)))]
+        objects = tuple(sample_training_object(rng, p) for p in positions)
+        background: str | Background = str(rng.choice(list(BACKGROUNDS)))
+        style: str | Style = str(rng.choice(list(STYLES)))
+        if rng.random() < NOVEL_BACKGROUND_PROB:
+            background = sample_novel_background(rng)
+        if rng.random() < NOVEL_STYLE_PROB:
+            style = sample_novel_style(rng)
+        scene = Scene(objects, background, style)
+        if uses_reserved_look(scene) or not has_enough_contrast(scene):
+            continue
+        if not heldout and is_held_out(scene):
+            continue
+        return scene
+    raise RuntimeError("could not sample a training scene")
+
+
+def _named(value) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
+# ---------------------------------------------------------------------------
+# Descriptions: partial captions with the constraints they put on a scene
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectConstraint:
+    """What a phrase says about one object (None: not said)."""
+
+    shape: Optional[str] = None
+    color: Optional[str] = None
+    size: Optional[str] = None
+    position: Optional[str] = None
+    decorations: tuple[Decoration, ...] = ()
+
+    def matches(self, obj: ObjectSpec) -> bool:
+        return (
+            (self.shape is None or obj.shape == self.shape)
+            and (self.color is None or obj.color == self.color)
+            and (self.size is None or obj.size == self.size)
+            and (self.position is None or obj.position == self.position)
+            and all(d in obj.decorations for d in self.decorations)
+        )
+
+    def phrase(self) -> str:
+        words = [w for w in (self.size, self.color) if w]
+        words.append(self.shape or "object")
+        text = " ".join(words)
+        text = f"{_article(text)} {text}"
+        if self.decorations:
+            text += " with " + " and ".join(decoration_phrase(d) for d in self.decorations)
+        if self.position:
+            text += " " + POSITION_PHRASES[self.position]
+        return text
+
+
+@dataclass(frozen=True)
+class Description:
+    """A text about a scene and the constraints it states (every one must hold)."""
+
+    text: str
+    objects: tuple[ObjectConstraint, ...] = ()
+    background: Optional[str] = None
+    style: Optional[str] = None
+
+    def matches(self, scene: Scene) -> bool:
+        if self.background is not None and scene.background != self.background:
+            return False
+        if self.style is not None and scene.style != self.style:
+            return False
+        return all(any(c.matches(o) for o in scene.objects) for c in self.objects)
+
+
+def full_description(scene: Scene) -> Description:
+    """The scene's full caption (decorations stated are required; unstated ones are not excluded)."""
+    objects = tuple(ObjectConstraint(o.shape, o.color, o.size, o.position, o.decorations) for o in scene.objects)
+    return Description(caption(scene), objects, _named(scene.background), _named(scene.style))
+
+
+def _partial_object(rng: np.random.Generator, obj: ObjectSpec) -> ObjectConstraint:
+    decorations: tuple[Decoration, ...] = ()
+    if obj.decorations and rng.random() < 0.4:
+        decorations = obj.decorations if rng.random() < 0.6 else (obj.decorations[int(rng.integers(len(obj.decorations)))],)
+    return ObjectConstraint(
+        shape=obj.shape if rng.random() < 0.7 else None,
+        color=obj.color if rng.random() < 0.6 else None,
+        size=obj.size if rng.random() < 0.25 else None,
+        position=obj.position if rng.random() < 0.25 else None,
+        decorations=decorations,
+    )
+
+
+def _personal_form(rng: np.random.Generator, scene: Scene) -> Description:
+    """A caption in the form personal-concept captions take: class words, unnamed slots."""
+    objs = []
+    for o in scene.objects:
+        if rng.random() < 0.5:
+            objs.append(ObjectConstraint(o.shape, None, o.size, o.position))
+        else:
+            objs.append(ObjectConstraint(o.shape, o.color, o.size, o.position, o.decorations))
+    keep_bg = rng.random() < 0.5 and _named(scene.background) is not None
+    keep_style = rng.random() < 0.5 and _named(scene.style) is not None
+    bg_part = f"on a {scene.background} background" if keep_bg else "on a background"
+    style_part = f"{scene.style} style" if keep_style else "style"
+    text = " and ".join(c.phrase() for c in objs) + f", {bg_part}, {style_part}"
+    return Description(text, tuple(objs), scene.background if keep_bg else None, scene.style if keep_style else None)
+
+
+def sample_description(rng: np.random.Generator, scene: Scene) -> Description:
+    """A random true description of a scene: its caption, a personal-style caption, or a
+    partial description in the prompt forms of `attribute_prompts` (and combinations)."""
+    u = rng.random()
+    if u < 0.25:
+        return full_description(scene)
+    if u < 0.32:
+        return _personal_form(rng, scene)
+    if u < 0.55:  # single-attribute prompts, exactly the zero-shot forms
+        named = [a for a in ATTRIBUTE_LABELS if a not in ("background", "style") or _named(getattr(scene, a))]
+        attribute = str(rng.choice(named))
+        obj = scene.objects[int(rng.integers(len(scene.objects)))]
+        if attribute == "shape":
+            return Description(shape_prompt(obj.shape), (ObjectConstraint(shape=obj.shape),))
+        if attribute == "color":
+            return Description(color_prompt(obj.color), (ObjectConstraint(color=obj.color),))
+        if attribute == "background":
+            return Description(background_prompt(str(scene.background)), background=str(scene.background))
+        return Description(style_prompt(str(scene.style)), style=str(scene.style))
+    # combination: object phrase(s) and/or background and/or style
+    parts: list[str] = []
+    objects: list[ObjectConstraint] = []
+    bg_named, style_named = _named(scene.background) is not None, _named(scene.style) is not None
+    if rng.random() < 0.8 or not bg_named:
+        chosen = scene.objects if (len(scene.objects) > 1 and rng.random() < 0.3) else \
+            (scene.objects[int(rng.integers(len(scene.objects)))],)
+        objects = [_partial_object(rng, o) for o in chosen]
+        phrase = " and ".join(c.phrase() for c in objects)
+        if rng.random() < 0.3:
+            phrase = "a photo of " + phrase
+        parts.append(phrase)
+    background = style = None
+    if bg_named and (rng.random() < 0.45 or not parts):
+        background = str(scene.background)
+        parts.append(background_prompt(background))
+    if style_named and rng.random() < 0.45:
+        style = str(scene.style)
+        parts.append(style_prompt(style))
+    return Description(", ".join(parts), tuple(objects), background, style)
+
+
+def match_matrix(descriptions: Sequence[Description], scenes: Sequence[Scene]) -> np.ndarray:
+    """(n_texts, n_images) boolean matrix: description j is true of scene i."""
+    return np.array([[d.matches(s) for s in scenes] for d in descriptions], dtype=bool)
+
+
+# ---------------------------------------------------------------------------
+# Pool of rendered training scenes (cached on disk, chunked, deterministic per seed)
+# ---------------------------------------------------------------------------
+
+CHUNK = 500
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "cns" / "evaluator"
+
+
+def chunk_scenes(seed: int, chunk: int, heldout: bool = True) -> list[Scene]:
+    """The scenes of one pool chunk (deterministic for seed and chunk index)."""
+    rng = np.random.default_rng([seed, POOL_VERSION, chunk, int(heldout)])
+    return [sample_training_scene(rng, heldout) for _ in range(CHUNK)]
+
+
+def _render_chunk(args: tuple[int, int, bool, str]) -> str:
+    seed, chunk, heldout, path = args
+    if not os.path.exists(path):
+        images = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in chunk_scenes(seed, chunk, heldout)])
+        tmp = path + ".tmp.npy"
+        np.save(tmp, images)
+        os.replace(tmp, path)
+    return path
+
+
+def build_pool(
+    n: int, seed: int, heldout: bool = True, cache_dir: str | Path | None = None, workers: int = 1,
+    progress: bool = True,
+) -> tuple[list[Scene], np.ndarray]:
+    """(scenes, uint8 images (n, 64, 64, 3)) of the training pool, rendering missing chunks.
+
+    Chunks are cached as .npy files, so an interrupted build resumes; rendering happens in
+    ``workers`` subprocesses (default 1: leaves the other cores to whatever else runs).
+    """
+    from tqdm import tqdm
+
+    n_chunks = math.ceil(n / CHUNK)
+    folder = Path(cache_dir or default_cache_dir()) / f"pool_v{POOL_VERSION}_seed{seed}_h{int(heldout)}"
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(seed, k, heldout, str(folder / f"chunk{k:04d}.npy")) for k in range(n_chunks)]
+    todo = [j for j in jobs if not os.path.exists(j[3])]
+    if todo:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(max(1, workers), initializer=_worker_init) as pool:
+            for _ in tqdm(pool.imap_unordered(_render_chunk, todo), total=len(todo), disable=not progress,
+                          desc=f"rendering pool ({CHUNK} scenes a chunk)"):
+                pass
+    scenes = [s for k in range(n_chunks) for s in chunk_scenes(seed, k, heldout)][:n]
+    images = np.concatenate([np.load(j[3]) for j in jobs])[:n]
+    return scenes, images
+
+
+def _worker_init() -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+# ---------------------------------------------------------------------------
+# Model, tokenizer, processor
+# ---------------------------------------------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    """Architecture of the evaluator (a ViT image tower on 64 px images and a small text tower)."""
+
+    vision_hidden: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 6
+    vision_mlp: int = 768
+    patch_size: int = 16  # 4 x 4 tokens: learns shapes several times faster per sample than 8 x 8, and is cheaper
+    text_hidden: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    text_mlp: int = 512
+    projection_dim: int = 128
+
+
+def build_tokenizer(save_to: str | Path | None = None):
+    """The evaluator's CLIP tokenizer: caption vocabulary + prompt words + ASCII characters."""
+    from cns.world.tokenizer import build_clip_tokenizer
+
+    words = list(vocabulary_words()) + list(PROMPT_WORDS) + list(CHAR_WORDS)
+    return build_clip_tokenizer(words, model_max_length=MAX_TEXT_LENGTH, save_to=save_to)
+
+
+def build_processor(tokenizer):
+    """A ``CLIPProcessor`` resizing (short side, bicubic) and centre-cropping to 64 px, CLIP-normalised."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    image_processor = CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": IMAGE_SIZE},
+        resample=3,  # PIL.Image.BICUBIC
+        do_center_crop=True,
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_model(tokenizer, config: EvaluatorConfig = EvaluatorConfig()):
+    """A randomly initialised ``CLIPModel`` of the given architecture."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=config.text_hidden,
+        intermediate_size=config.text_mlp,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        max_position_embeddings=MAX_TEXT_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=config.vision_hidden,
+        intermediate_size=config.vision_mlp,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads,
+        image_size=IMAGE_SIZE,
+        patch_size=config.patch_size,
+    )
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=config.projection_dim))
+
+
+def pixel_values(images: np.ndarray):
+    """uint8 (N, 64, 64, 3) renders -> CLIP-normalised float (N, 3, 64, 64), the processor's math."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _features(output):
+    return output if not hasattr(output, "pooler_output") else output.pooler_output
+
+
+def _soft_cross_entropy(logits, targets):
+    """Cross-entropy of each row against the uniform distribution over its positives
+    (rows without a positive are left out)."""
+    import torch
+
+    count = targets.sum(dim=1, keepdim=True)
+    keep = count[:, 0] > 0
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    t = targets[keep] / count[keep]
+    return -(t * torch.log_softmax(logits[keep], dim=1)).sum(dim=1).mean()
+
+
+def contrastive_loss(image_emb, text_emb, logit_scale, matches):
+    """Symmetric InfoNCE with multi-positive targets; ``matches`` is (n_texts, n_images) bool."""
+    import torch
+
+    img = torch.nn.functional.normalize(image_emb, dim=-1)
+    txt = torch.nn.functional.normalize(text_emb, dim=-1)
+    logits_t = logit_scale.exp() * txt @ img.T
+    m = matches.float()
+    return 0.5 * (_soft_cross_entropy(logits_t, m) + _soft_cross_entropy(logits_t.T, m.T))
+
+
+def attribute_targets(scenes: Sequence[Scene]):
+    """{attribute: (n_scenes, n_labels) float multi-hot} of the labels present in each scene."""
+    import torch
+
+    out = {}
+    for attribute, labels in ATTRIBUTE_LABELS.items():
+        t = torch.zeros(len(scenes), len(labels))
+        for i, scene in enumerate(scenes):
+            present = _scene_labels(scene, attribute)
+            for k, label in enumerate(labels):
+                t[i, k] = float(label in present)
+        out[attribute] = t
+    return out
+
+
+# Labels of the auxiliary linear heads (used in training only, not saved): single-choice groups
+# get a softmax over the labels present in the scene (scenes with none are left out), multi-label
+# groups a sigmoid per label. Style and background recipes are also described by their
+# primitives, so that unnamed recipes (and personal styles / scenes) are told apart too.
+HEAD_GROUPS: dict[str, tuple[str, ...]] = {
+    "shape": OBJECT_CLASSES,
+    "color": tuple(COLORS),
+    "size": tuple(SIZES),
+    "position": tuple(POSITIONS),
+    "background": tuple(BACKGROUNDS),
+    "style": tuple(STYLES),
+    "decoration": DECORATIONS,
+    "decoration_color": tuple(COLORS),
+    "part_color": tuple(COLORS),
+    "style_fill": STYLE_FILLS,
+    "style_outlines": ("0", "1", "2"),
+    "style_pixels": ("none", "coarse", "fine"),
+    "style_gaps": ("no", "yes"),
+    "bg_pattern": PATTERNS,
+    "bg_base": tuple(str(k) for k in range(len(PALETTE))),
+    "bg_ink": tuple(str(k) for k in range(len(PALETTE))),
+    "bg_period": ("coarse", "medium", "fine"),
+    "bg_diagonal": ("no", "yes"),
+}
+MULTI_LABEL_GROUPS = ("decoration", "decoration_color", "part_color")
+
+
+def _nearest_palette(rgb) -> str:
+    return str(min(range(len(PALETTE)), key=lambda k: color_distance(PALETTE[k], rgb)))
+
+
+def _scene_labels(scene: Scene, group: str) -> set[str]:
+    """The head labels of one group present in a scene (empty: not applicable)."""
+    from cns.world.render import background_recipe, style_recipe
+
+    if group in ("background", "style"):
+        return {v} if (v := _named(getattr(scene, group))) else set()
+    if group == "decoration":
+        return {d.kind for o in scene.objects for d in o.decorations}
+    if group == "decoration_color":
+        return {d.color for o in scene.objects for d in o.decorations}
+    if group == "part_color":
+        return {c for o in scene.objects for _, c in o.part_colors}
+    if group in ("shape", "color", "size", "position"):
+        return {getattr(o, group) for o in scene.objects}
+    st, bg = style_recipe(scene.style), background_recipe(scene.background)
+    if group == "style_fill":
+        return {st.fill}
+    if group == "style_outlines":
+        return {str(st.outlines)}
+    if group == "style_pixels":
+        return {"none" if not st.pixel_cells else ("coarse" if st.pixel_cells <= 16 else "fine")}
+    if group == "style_gaps":
+        return {"yes" if st.cell_gaps else "no"}
+    if group == "bg_pattern":
+        return {bg.pattern}
+    if group == "bg_base":
+        return {_nearest_palette(bg.base)}
+    if bg.pattern == "plain":
+        return set()
+    if group == "bg_ink":
+        return {_nearest_palette(bg.ink)}
+    if group == "bg_period":
+        return {"coarse" if bg.period >= 0.2 else ("medium" if bg.period >= 0.15 else "fine")}
+    if group == "bg_diagonal":
+        return {"yes" if bg.diagonal else "no"} if bg.pattern == "stripes" else set()
+    raise KeyError(group)
+
+
+def head_targets(scenes: Sequence[Scene]) -> dict:
+    """{group: (n_scenes, n_labels) multi-hot} of the labels present in each scene."""
+    import torch
+
+    out = {}
+    for group, labels in HEAD_GROUPS.items():
+        t = torch.zeros(len(scenes), len(labels))
+        index = {label: k for k, label in enumerate(labels)}
+        for i, scene in enumerate(scenes):
+            for label in _scene_labels(scene, group):
+                t[i, index[label]] = 1.0
+        out[group] = t
+    return out
+
+
+def make_heads(dim: int):
+    """Auxiliary linear heads on the (unnormalised) image embedding: they give the image tower a
+    direct signal for every attribute from the first step, which the contrastive loss alone
+    lacks while the text tower cannot yet tell the attribute words apart."""
+    import torch
+
+    return torch.nn.Linear(dim, sum(len(v) for v in HEAD_GROUPS.values()))
+
+
+def head_loss(logits, targets: dict):
+    import torch
+
+    losses, start = [], 0
+    for group, labels in HEAD_GROUPS.items():
+        part, t = logits[:, start : start + len(labels)], targets[group]
+        start += len(labels)
+        if group in MULTI_LABEL_GROUPS:
+            losses.append(torch.nn.functional.binary_cross_entropy_with_logits(part, t))
+        else:
+            losses.append(_soft_cross_entropy(part, t))
+    return sum(losses) / len(losses)
+
+
+def attribute_loss(image_emb, prompt_emb, logit_scale, targets, slices):
+    """Zero-shot classification loss: each image against every prompt of each attribute."""
+    import torch
+
+    img = torch.nn.functional.normalize(image_emb, dim=-1)
+    txt = torch.nn.functional.normalize(prompt_emb, dim=-1)
+    logits = logit_scale.exp() * img @ txt.T
+    losses = [_soft_cross_entropy(logits[:, sl], targets[a]) for a, sl in slices.items()]
+    return sum(losses) / len(losses)
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class _Monitor:
+    """Zero-shot accuracy on a small fixed set of single-object scenes, printed during training
+    (its own seed: these are not the renders `evaluate` reports)."""
+
+    def __init__(self, tokenizer, seed: int, n: int = 200):
+        import torch
+
+        rng = np.random.default_rng([seed, 4])
+        splits = ["train" if rng.random() < 0.5 else "heldout" for _ in range(n)]
+        self.scenes = [sample_scene(rng, sp, n_objects=1) for sp in splits]
+        self.pixels = pixel_values(np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in self.scenes]))
+        self.tokens = {}
+        for attribute in ATTRIBUTE_LABELS:
+            labels, prompts = attribute_prompts(attribute)
+            self.tokens[attribute] = (labels, tokenizer(list(prompts), padding=True, return_tensors="pt"))
+        self.torch = torch
+
+    def __call__(self, model) -> str:
+        torch = self.torch
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            img = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=self.pixels)), dim=-1)
+            parts = []
+            for attribute, (labels, tok) in self.tokens.items():
+                txt = _features(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+                pred = (img @ torch.nn.functional.normalize(txt, dim=-1).T).argmax(1).tolist()
+                acc = np.mean([labels[p] == scene_attribute(s, attribute) for p, s in zip(pred, self.scenes)])
+                parts.append(f"{attribute} {acc:.3f}")
+        model.train(was_training)
+        return ", ".join(parts)
+
+
+def save_evaluator(model, processor, out: str | Path, max_mb: float = 10.0) -> Path:
+    """Save model (safetensors; float16 if float32 would exceed ``max_mb``) + processor files."""
+    import copy
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_bytes = sum(p.numel() * 4 for p in model.parameters())
+    to_save = model if n_bytes <= max_mb * 1e6 * 0.95 else copy.deepcopy(model).half()
+    to_save.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def train(
+    out: str | Path,
+    steps: int = 3000,
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    attribute_weight: float = 1.0,
+    head_weight: float = 1.0,
+    weight_decay: float = 0.05,
+    pool_size: int = 32000,
+    workers: int = 1,
+    threads: int = 1,
+    heldout: bool = True,
+    cache_dir: str | Path | None = None,
+    checkpoint_every: int = 200,
+    config: EvaluatorConfig = EvaluatorConfig(),
+    progress: bool = True,
+    eval_every: int = 500,
+    tokenizer_path: str | Path | None = None,
+) -> Path:
+    """Train the evaluator and save it to ``out``. Deterministic for a seed (batches and texts
+    of step k depend only on (seed, k)); resumes from ``<cache>/run_v<pool version>_seed<seed>_h<0|1>/``."""
+    import torch
+    from tqdm import tqdm
+    from transformers import CLIPTokenizer
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cache = Path(cache_dir or default_cache_dir())
+    scenes, images = build_pool(pool_size, seed, heldout, cache, workers, progress)
+    run_dir = cache / f"run_v{POOL_VERSION}_seed{seed}_h{int(heldout)}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, tokenizer_dir = run_dir / "checkpoint.pt", run_dir / "tokenizer"
+    meta = {"pool_version": POOL_VERSION, "steps": steps, "batch_size": batch_size, "lr": lr,
+            "attribute_weight": attribute_weight, "head_weight": head_weight, "pool_size": pool_size,
+            "config": config.__dict__}
+    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    if state is not None and (state["meta"] != meta or not tokenizer_dir.exists()):
+        state = None
+    # BPE training breaks ties differently from one process to the next, so token ids are not
+    # reproducible: a resumed run reuses the tokenizer it started with, and ``tokenizer_path``
+    # (e.g. the shipped evaluator folder) reproduces a given model exactly.
+    if state is not None:
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_path)) if tokenizer_path else build_tokenizer()
+        tokenizer.save_pretrained(str(tokenizer_dir))
+    processor = build_processor(tokenizer)
+    model = build_model(tokenizer, config)
+    heads = make_heads(config.projection_dim)
+    named = list(model.named_parameters()) + [("heads." + n, p) for n, p in heads.named_parameters()]
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+    all_prompts, slices = [], {}
+    for attribute in ATTRIBUTE_LABELS:
+        prompts = attribute_prompts(attribute)[1]
+        slices[attribute] = slice(len(all_prompts), len(all_prompts) + len(prompts))
+        all_prompts += prompts
+    prompt_tokens = tokenizer(all_prompts, padding=True, return_tensors="pt")
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        del state
+        print(f"resuming from step {start}")
+    warmup = max(1, min(200, steps // 10))
+    monitor = _Monitor(tokenizer, seed) if eval_every else None
+    model.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="training evaluator")
+    started = time.time()
+    for step in bar:
+        rng = np.random.default_rng([seed, 1, step])
+        idx = np.sort(rng.choice(len(scenes), batch_size, replace=False))
+        batch_scenes = [scenes[i] for i in idx]
+        descriptions = [sample_description(rng, s) for s in batch_scenes]
+        matches = torch.from_numpy(match_matrix(descriptions, batch_scenes))
+        tokens = tokenizer([d.text for d in descriptions], padding=True, truncation=True, return_tensors="pt")
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        image_emb = _features(model.get_image_features(pixel_values=pixel_values(images[idx])))
+        text_emb = _features(model.get_text_features(input_ids=tokens["input_ids"],
+                                                     attention_mask=tokens["attention_mask"]))
+        loss = contrastive_loss(image_emb, text_emb, model.logit_scale, matches)
+        if attribute_weight:
+            prompt_emb = _features(model.get_text_features(input_ids=prompt_tokens["input_ids"],
+                                                           attention_mask=prompt_tokens["attention_mask"]))
+            loss = loss + attribute_weight * attribute_loss(image_emb, prompt_emb, model.logit_scale,
+                                                            attribute_targets(batch_scenes), slices)
+        if head_weight:
+            loss = loss + head_weight * head_loss(heads(image_emb), head_targets(batch_scenes))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                        "meta": meta}, tmp)
+            os.replace(tmp, ckpt_path)
+        if monitor is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
+            bar.write(f"step {step + 1}: loss {loss.item():.3f}, " + monitor(model))
+    model.eval()
+    path = save_evaluator(model, processor, out)
+    info = {"seed": seed, **meta, "heldout_combos_in_training": heldout,
+            "train_seconds_this_run": round(time.time() - started, 1), "threads": threads}
+    print(json.dumps(info))
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+TARGET_ACCURACY = 0.95
+
+
+def eval_scenes(n: int, split: str, seed: int = 1000) -> list[Scene]:
+    """Fresh single-object scenes of a sampler split (the generator's pretraining distribution)."""
+    rng = np.random.default_rng([seed, 2, ("train", "heldout").index(split)])
+    return [sample_scene(rng, split, n_objects=1) for _ in range(n)]
+
+
+def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence] = None) -> dict[str, float]:
+    """Zero-shot accuracy per attribute (shape, color, background, style) on single-object scenes."""
+    from cns.evaluation.metrics import attribute_accuracy
+
+    if images is None:
+        images = [render(s, IMAGE_SIZE) for s in scenes]
+    emb = scorer.image_embeddings(images)
+    report = {}
+    for attribute in ATTRIBUTE_LABELS:
+        labels, prompts = attribute_prompts(attribute)
+        truth = [scene_attribute(s, attribute) for s in scenes]
+        _, report[attribute] = attribute_accuracy(emb, labels, prompts, scorer, true_labels=truth)
+    return report
+
+
+def class_scenes(concept, n: int = 10, seed: int = 0, layouts: int = 5) -> list[Scene]:
+    """Scenes laid out like the concept's examples but showing a plain member of its class.
+
+    Scene k uses the example layout (size, position, context, object style) of index
+    ``k % layouts``. Object / creature concepts: the personal subject is replaced by a
+    base-world object of the same class (random color, at most one decoration, never a
+    reserved look); style concepts use the base styles, scene concepts the base backgrounds;
+    everything else (context objects, backgrounds, styles) is drawn as for the concept.
+    """
+    import zlib
+
+    rng = np.random.default_rng([seed, zlib.crc32(concept.name.encode()), 3])
+    out = []
+    for k in range(n):
+        if concept.subject is not None:
+            while True:
+                obj = sample_object(rng, "center", classes=[concept.class_word])
+                if not uses_reserved_look(Scene((obj,))):
+                    break
+            plain = replace(concept, subject=replace(obj, personal=True, offset=(0.0, 0.0)))
+        elif concept.style is not None:
+            plain = replace(concept, style=None)
+        else:
+            plain = replace(concept, background=None)
+        out.append(plain.example_scene(rng, k % layouts))
+    return out
+
+
+def concept_scores(scorer, concept, n_images: int = 5, n_class: int = 10, seed: int = 0) -> tuple[float, float]:
+    """(self CLIP-I, class CLIP-I) of a concept, over pairs of *different* example layouts.
+
+    Self: the concept's images against each other (i != j). Class: concept image i against
+    plain-class images laid out as example j != i (`class_scenes`). Both averages run over
+    the same layout pairs, so their difference measures the concept's identity only.
+    """
+    from cns.evaluation.metrics import cosine_matrix
+    from cns.world.concepts import make_concept_images
+
+    own = scorer.image_embeddings([im for im, _ in make_concept_images(concept, n_images, IMAGE_SIZE, seed)])
+    plain = scorer.image_embeddings([render(s, IMAGE_SIZE) for s in class_scenes(concept, n_class, seed, n_images)])
+    own_layout = np.arange(n_images)
+    class_layout = np.arange(n_class) % n_images
+    self_cos = cosine_matrix(own, own).numpy()
+    class_cos = cosine_matrix(own, plain).numpy()
+    self_i = float(self_cos[own_layout[:, None] != own_layout[None, :]].mean())
+    class_i = float(class_cos[own_layout[:, None] != class_layout[None, :]].mean())
+    return self_i, class_i
+
+
+def concept_report(scorer, n_images: int = 5, n_class: int = 10, seed: int = 0) -> list[dict]:
+    """Per concept: self CLIP-I and class CLIP-I (`concept_scores`) and their margin."""
+    from cns.world.concepts import CONCEPTS
+
+    rows = []
+    for concept in CONCEPTS:
+        self_i, class_i = concept_scores(scorer, concept, n_images, n_class, seed)
+        rows.append({"concept": concept.name, "kind": concept.kind, "class": concept.class_word,
+                     "self": self_i, "class_clip_i": class_i, "margin": self_i - class_i})
+    return rows
+
+
+def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 1000, threads: int = 1) -> dict:
+    """Print and return the attribute accuracies (train / held-out split) and concept CLIP-I table."""
+    import torch
+
+    from cns.evaluation.metrics import ClipScorer
+
+    torch.set_num_threads(threads)
+    scorer = ClipScorer.from_pretrained(str(model_path), device="cpu")
+    n_params = sum(p.numel() for p in scorer.model.parameters())
+    size_mb = sum(f.stat().st_size for f in Path(model_path).iterdir() if f.is_file()) / 1e6
+    print(f"evaluator: {model_path} ({n_params / 1e6:.2f} M parameters, {size_mb:.2f} MB on disk)")
+    result: dict = {"attributes": {}, "concepts": []}
+    print(f"\nzero-shot attribute accuracy on {n} fresh single-object renders per split "
+          f"(target >= {TARGET_ACCURACY:.0%})")
+    print(f"{'split':<9}" + "".join(f"{a:>12}" for a in ATTRIBUTE_LABELS))
+    ok = True
+    for split in ("train", "heldout"):
+        acc = attribute_report(scorer, eval_scenes(n, split, seed))
+        result["attributes"][split] = acc
+        ok &= all(v >= TARGET_ACCURACY for v in acc.values())
+        print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))
+    print("\nconcept CLIP-I (cosine, pairs of different example layouts): own images vs each other | "
+          "vs plain-class images")
+    print(f"{'concept':<16}{'kind':<10}{'class':<12}{'self':>8}{'class':>8}{'margin':>8}")
+    for row in concept_report(scorer, seed=0):
+        result["concepts"].append(row)
+        ok &= row["margin"] > 0
+        print(f"{row['concept']:<16}{row['kind']:<10}{row['class']:<12}"
+              f"{row['self']:>8.3f}{row['class_clip_i']:>8.3f}{row['margin']:>8.3f}")
+    margins = [r["margin"] for r in result["concepts"]]
+    print(f"\nmean margin {np.mean(margins):.3f}, min margin {np.min(margins):.3f}; "
+          f"{'all targets met' if ok else 'SOME TARGETS MISSED'}")
+    result["ok"] = bool(ok)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train or evaluate the tiny world's CLIP evaluator.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train and save the evaluator")
+    t.add_argument("--out", default=str(EVALUATOR_PATH))
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--attribute-weight", type=float, default=1.0,
+                   help="weight of the zero-shot attribute-prompt loss added to the caption InfoNCE")
+    t.add_argument("--head-weight", type=float, default=1.0,
+                   help="weight of the auxiliary attribute heads on the image embedding (training only)")
+    t.add_argument("--pool-size", type=int, default=32000, help="rendered training scenes (cached)")
+    t.add_argument("--workers", type=int, default=1, help="rendering processes")
+    t.add_argument("--threads", type=int, default=1, help="torch threads")
+    t.add_argument("--no-heldout", action="store_true",
+                   help="keep the generator's held-out (class, color/background) pairs out of training")
+    t.add_argument("--tokenizer", default=None,
+                   help="use this saved tokenizer (e.g. the shipped evaluator folder, to reproduce it) "
+                        "instead of building one")
+    t.add_argument("--cache-dir", default=None, help="pool and checkpoint cache (default ~/.cache/cns/evaluator)")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--eval-every", type=int, default=500, help="print zero-shot accuracy every N steps (0: never)")
+    e = sub.add_parser("eval", help="print attribute accuracies and concept CLIP-I")
+    e.add_argument("--model", default=str(EVALUATOR_PATH))
+    e.add_argument("--n", type=int, default=400, help="single-object scenes per split")
+    e.add_argument("--seed", type=int, default=1000)
+    e.add_argument("--threads", type=int, default=1)
+    e.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        train(args.out, args.steps, args.seed, args.batch_size, args.lr, args.attribute_weight, args.head_weight, pool_size=args.pool_size,
+              workers=args.workers, threads=args.threads, heldout=not args.no_heldout,
+              cache_dir=args.cache_dir, progress=not args.no_progress,
+              eval_every=args.eval_every, tokenizer_path=args.tokenizer)
+        return 0
+    result = evaluate(args.model, args.n, args.seed, args.threads)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
