@@ -1,0 +1,674 @@
+"""The methods compared by the evaluation, behind one interface.
+
+Every method learns the concepts of a continual set one task at a time, on the same backbone,
+with the same step budget, the same instance and prior-preservation images and the same seeds;
+its state after task j is kept on disk under its own folder (so a run can resume), and
+``build(tasks)`` returns a pipeline that can draw any mix of the learned tokens, with what
+combining the concepts cost (seconds and extra bytes held while combining).
+
+Methods (``METHODS``):
+
+- ``cns``: Concept Neuron Selection with its defaults, through :class:`cns.ConceptLibrary`.
+- ``cns-random``: ablation, random neurons (same count per row, hence per layer, as CNS).
+- ``cns-noreg``: ablation, CNS without L_reg.
+- ``kv-all``: every K/V weight + the token, no L_reg: the paper's "all K/V" curve, i.e. Custom
+  Diffusion learned sequentially.
+- ``ti``: Textual Inversion (the token embedding only).
+- ``c-lora``: C-LoRA / Continual Diffusion: a new LoRA on K/V per task on top of the merged
+  model so far, with the self-regularisation ``lambda * ||(sum of earlier deltas) * delta||^2``.
+- ``ortho``: Orthogonal Adaptation: per concept a LoRA ``dW = B A`` whose down-projection A is
+  a fixed slice of a random orthogonal basis (disjoint slices: mutually orthogonal across
+  concepts); only B is trained, from W_0; concepts are combined by summing the deltas.
+- ``mix-of-show``: a plain LoRA per concept from W_0, combined by Mix-of-Show's gradient fusion,
+  solved exactly per K/V layer (its inputs are text features, so the fusion is linear least
+  squares: ``W = argmin sum_i ||X_i (W - W_i)^T||^2`` on each concept's prompt features,
+  with a small ridge towards W_0). ED-LoRA's layer-wise embeddings are not reproduced.
+
+LoRA layers come from peft (``LoraConfig(target_modules=[...attn2.to_k/to_v])``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..model import cross_attention_kv_layers
+from ..training import Example, diffusion_target
+
+__all__ = ["ConceptTask", "Method", "METHODS", "METHOD_LABELS", "make_method", "orthogonal_basis", "train_generic"]
+
+
+@dataclass
+class ConceptTask:
+    """One task of a continual set: a concept, its token and where its images live."""
+
+    index: int  # 0-based position in the set
+    name: str
+    kind: str
+    class_word: str
+    token: str
+    folder: str  # instance images (+ optional captions.json)
+    class_prompt: str
+    class_folder: str  # prior-preservation images drawn by the base model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------
+
+
+def _load_pipe(model: str, device: Optional[str]):
+    from ..library import load_base_pipeline
+
+    pipe = load_base_pipeline(model)
+    if device:
+        pipe.to(device)
+    return pipe
+
+
+def _resolution(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def instance_prompts(task: ConceptTask, n_images: int, names: Sequence[str]) -> list[str]:
+    """Training prompts: the folder's captions with the token inserted (as the library does),
+    else ``photo of a {token} {class_word}``."""
+    from ..captions import captions_for_images, insert_token
+
+    captions_file = Path(task.folder) / "captions.json"
+    if captions_file.is_file():
+        captions = captions_for_images(list(names), task.class_word, captions_file)
+        return [insert_token(c, task.token, task.class_word) for c in captions]
+    return [f"photo of a {task.token} {task.class_word}"] * n_images
+
+
+def task_examples(task: ConceptTask, resolution: int, num_class_images: int):
+    """(instance examples, prior examples) of a task, as every method trains on them."""
+    from ..images import image_tensor, load_image_folder
+
+    images = load_image_folder(task.folder)
+    prompts = instance_prompts(task, len(images), [im.path.name for im in images])
+    instance = [Example(image_tensor(im.image, resolution), p) for im, p in zip(images, prompts)]
+    prior = []
+    if num_class_images > 0:
+        for im in load_image_folder(task.class_folder)[:num_class_images]:
+            prior.append(Example(image_tensor(im.image, resolution), task.class_prompt))
+    return instance, prior
+
+
+def add_concept_tokens(pipe, tasks: Sequence[ConceptTask], embeddings: Optional[dict] = None) -> list[int]:
+    """Add the tasks' tokens; rows from ``embeddings`` (token -> row) or from the class word."""
+    from ..tokens import add_tokens, class_word_embedding
+
+    tokens = [t.token for t in tasks]
+    ids = add_tokens(pipe.tokenizer, pipe.text_encoder, tokens)
+    table = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        for task, row in zip(tasks, ids):
+            if embeddings is not None and task.token in embeddings:
+                table[row] = embeddings[task.token].to(table.dtype)
+            else:
+                table[row] = class_word_embedding(pipe.tokenizer, table, task.class_word).to(table.dtype)
+    return ids
+
+
+def train_generic(
+    pipe,
+    instance: Sequence[Example],
+    prior: Sequence[Example],
+    token_ids: Sequence[int],
+    params: Sequence[torch.nn.Parameter],
+    lr: float,
+    lr_embedding: float,
+    steps: int,
+    batch_size: int,
+    seed: int,
+    prior_loss_weight: float = 1.0,
+    extra_loss: Optional[Callable[[], Optional[torch.Tensor]]] = None,
+) -> dict:
+    """Eq. 8 (diffusion loss + prior preservation) on ``params`` and the embedding rows of
+    ``token_ids``, with an optional extra loss; everything else frozen. The same sampling of
+    images, noise and timesteps as :func:`cns.training.train_task` for a given seed."""
+    from ..sparse import RowDeltaEmbedding
+    from ..training import _encode_latents, _token_ids, _training_scheduler
+
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    device = unet.device
+    for module in (text_encoder, vae):
+        module.requires_grad_(False)
+    trainable = {id(p) for p in params}
+    for p in unet.parameters():
+        p.requires_grad_(id(p) in trainable)
+    scheduler = _training_scheduler(pipe)
+    generator = torch.Generator().manual_seed(seed)
+    started = time.perf_counter()
+    inst_mean, inst_std = _encode_latents(vae, torch.stack([e.pixels for e in instance]))
+    inst_ids = _token_ids(tokenizer, [e.prompt for e in instance])
+    use_prior = bool(prior) and prior_loss_weight > 0
+    if use_prior:
+        prior_mean, prior_std = _encode_latents(vae, torch.stack([e.pixels for e in prior]))
+        with torch.no_grad():
+            prior_states = text_encoder(_token_ids(tokenizer, [e.prompt for e in prior]).to(device))[0].float().cpu()
+    scaling = getattr(vae.config, "scaling_factor", 0.18215)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    embedding = RowDeltaEmbedding(text_encoder.get_input_embeddings(), list(token_ids)) if token_ids else None
+    if embedding is not None:
+        text_encoder.set_input_embeddings(embedding)
+    groups = [{"params": list(params), "lr": lr}] if params else []
+    if embedding is not None:
+        groups.append({"params": [embedding.trainable_rows], "lr": lr_embedding})
+    losses: list[float] = []
+    try:
+        optimizer = torch.optim.Adam(groups, weight_decay=0.0) if groups else None
+        for _ in range(steps if optimizer else 0):
+            pick = torch.randint(len(instance), (batch_size,), generator=generator)
+            latents = inst_mean[pick] + inst_std[pick] * torch.randn(inst_mean[pick].shape, generator=generator)
+            ids = inst_ids[pick]
+            if use_prior:
+                pick_prior = torch.randint(len(prior), (batch_size,), generator=generator)
+                prior_latents = prior_mean[pick_prior] + prior_std[pick_prior] * torch.randn(
+                    prior_mean[pick_prior].shape, generator=generator)
+                latents = torch.cat([latents, prior_latents])
+            latents = (latents - shift) * scaling
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+            noisy = scheduler.add_noise(latents, noise, timesteps)
+            target = diffusion_target(scheduler, latents, noise, timesteps)
+            states = text_encoder(ids.to(device))[0]
+            if use_prior:
+                states = torch.cat([states, prior_states[pick_prior].to(device, states.dtype)])
+            prediction = unet(noisy.to(device), timesteps.to(device), states).sample
+            loss = F.mse_loss(prediction[:batch_size].float(), target[:batch_size].to(device))
+            if use_prior:
+                loss = loss + prior_loss_weight * F.mse_loss(prediction[batch_size:].float(),
+                                                             target[batch_size:].to(device))
+            if extra_loss is not None:
+                extra = extra_loss()
+                if extra is not None:
+                    loss = loss + extra
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        if embedding is not None:
+            text_encoder.set_input_embeddings(embedding.merge())
+        for p in unet.parameters():
+            p.requires_grad_(False)
+    return {"losses": losses, "seconds": time.perf_counter() - started}
+
+
+def _file_bytes(paths: Sequence[Path]) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def _payload_bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------
+# The interface
+# ---------------------------------------------------------------------------
+
+
+class Method:
+    """A personalization method under evaluation; its state lives in ``root``."""
+
+    key = "method"
+    label = "method"
+    continual = True  # False: one module per concept, combined at inference
+
+    def __init__(self, root: str | Path, model: str, protocol, device: Optional[str] = None,
+                 calibration_prompts: Optional[Sequence[str]] = None):
+        self.root = Path(root)
+        self.model = model
+        self.protocol = protocol
+        self.device = device
+        self.calibration_prompts = list(calibration_prompts) if calibration_prompts else None
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- bookkeeping of finished tasks (resume) ---
+    def _record_path(self, index: int) -> Path:
+        return self.root / f"task_{index + 1:04d}.json"
+
+    def learned(self) -> int:
+        """How many tasks are finished on disk (in order)."""
+        n = 0
+        while self._record_path(n).is_file():
+            n += 1
+        return n
+
+    def record(self, index: int) -> dict:
+        return json.loads(self._record_path(index).read_text())
+
+    def learn(self, task: ConceptTask) -> dict:
+        """Learn ``task`` into the method's state (task ``task.index`` must be the next one);
+        returns and saves its record: token, training seconds, bytes stored."""
+        if task.index != self.learned():
+            raise ValueError(f"{self.key}: task {task.index + 1} is not the next one ({self.learned() + 1})")
+        record = self._learn(task)
+        record.update({"task": task.index + 1, "concept": task.name, "token": task.token})
+        _write_json(self._record_path(task.index), record)
+        return record
+
+    def _learn(self, task: ConceptTask) -> dict:
+        raise NotImplementedError
+
+    def build(self, tasks: Sequence[ConceptTask]):
+        """(pipeline with the tokens of ``tasks`` usable, {'combine_seconds', 'combine_bytes'}):
+        the state after the last of ``tasks``."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------
+# CNS and its ablations (through the concept library)
+# ---------------------------------------------------------------------------
+
+
+class CNSMethod(Method):
+    key, label = "cns", "CNS"
+    neurons = "concept"
+    regularize = True
+
+    @property
+    def library_path(self) -> Path:
+        return self.root / "library"
+
+    def _library(self):
+        from ..library import ConceptLibrary
+
+        if (self.library_path / "library.json").is_file():
+            return ConceptLibrary(self.library_path)
+        return ConceptLibrary.create(self.library_path, self.model, calibration_prompts=self.calibration_prompts)
+
+    def config(self):
+        from ..config import LearnConfig
+
+        p = self.protocol
+        return LearnConfig(steps=p.steps, batch_size=p.batch_size, lr_neurons=p.lr_neurons,
+                           lr_embedding=p.lr_embedding, num_class_images=p.num_class_images,
+                           prior_loss_weight=p.prior_loss_weight, seed=p.seed, neurons=self.neurons,
+                           regularize=self.regularize, device=self.device)
+
+    def learned(self) -> int:
+        # the library commits a task atomically; a record may be missing after a crash in between
+        n = super().learned()
+        if (self.library_path / "library.json").is_file():
+            tasks = self._library().tasks
+            if len(tasks) > n:
+                for k in range(n, len(tasks)):
+                    _write_json(self._record_path(k), self._library_record(k))
+                n = len(tasks)
+        return n
+
+    def _library_record(self, k: int) -> dict:
+        library = self._library()
+        task = library.tasks[k]
+        folder = library.path / task["dir"]
+        record = library.task_record(task)
+        concept = record["concepts"][0]
+        return {"task": k + 1, "token": concept["token"], "train_seconds": record["training"]["seconds"],
+                "stored_bytes": _file_bytes(list(folder.iterdir())), "neurons": concept["neurons"],
+                "density": concept["density"], "loss_last": record["training"]["loss_last"]}
+
+    def _learn(self, task: ConceptTask) -> dict:
+        from ..library import ConceptSpec
+
+        library = self._library()
+        captions = Path(task.folder) / "captions.json"
+        spec = ConceptSpec(task.folder, task.class_word, token=task.token,
+                           captions_file=captions if captions.is_file() else None,
+                           class_prompt=task.class_prompt, class_data_dir=task.class_folder)
+        started = time.perf_counter()
+        library.learn([spec], self.config(), progress=False)
+        record = self._library_record(len(library.tasks) - 1)
+        record["wall_seconds"] = time.perf_counter() - started
+        return record
+
+    def masks(self) -> list[dict[str, torch.Tensor]]:
+        return self._library().concept_masks()
+
+    def build(self, tasks):
+        library = self._library()
+        if len(library.tasks) < len(tasks):
+            raise ValueError(f"{self.key}: the library holds {len(library.tasks)} tasks, asked for {len(tasks)}")
+        pipe = library.load_pipeline(apply=False)
+        started = time.perf_counter()
+        if len(library.tasks) == len(tasks):
+            library.apply(pipe)  # writes the stored values in place: nothing to fuse
+        else:
+            apply_first_tasks(library, pipe, len(tasks))  # W_j of an earlier task (a resumed run)
+        seconds = time.perf_counter() - started
+        if self.device:
+            pipe.to(self.device)
+        return pipe, {"combine_seconds": seconds, "combine_bytes": 0}
+
+
+def apply_first_tasks(library, pipe, count: int) -> None:
+    """``library.apply`` restricted to its first ``count`` tasks (W_count): tasks are replayed
+    in order, each writing only its masked elements."""
+    from ..sparse import unpack_mask
+    from ..tokens import add_tokens
+
+    tasks = library.tasks[:count]
+    tokens = [tok for t in tasks for tok in t["tokens"]]
+    ids = dict(zip(tokens, add_tokens(pipe.tokenizer, pipe.text_encoder, tokens)))
+    table = pipe.text_encoder.get_input_embeddings().weight
+    layers = cross_attention_kv_layers(pipe.unet)
+    shapes = library.base_model["layers"]
+    with torch.no_grad():
+        for task in tasks:
+            folder = library.path / task["dir"]
+            for token, row in load_file(folder / "embeddings.safetensors").items():
+                table[ids[token]] = row.to(table.dtype)
+            packed = load_file(folder / "masks.safetensors")
+            values = load_file(folder / "values.safetensors")
+            concepts = [c["token"] for c in library.task_record(task)["concepts"]]
+            for name, layer in layers.items():
+                union = None
+                for token in concepts:
+                    mask = unpack_mask(packed[f"{token}/{name}"], shapes[name])
+                    union = mask if union is None else union | mask
+                index = union.flatten().nonzero().squeeze(1)
+                if index.numel():
+                    layer.weight.view(-1)[index] = values[name].to(layer.weight.dtype)
+
+
+class RandomNeuronsMethod(CNSMethod):
+    key, label = "cns-random", "CNS, random neurons"
+    neurons = "random"
+
+
+class NoRegMethod(CNSMethod):
+    key, label = "cns-noreg", "CNS, no L_reg"
+    regularize = False
+
+
+class AllKVMethod(CNSMethod):
+    key, label = "kv-all", "all K/V + token (Custom Diffusion, sequential)"
+    neurons = "all"
+    regularize = False
+
+
+# ---------------------------------------------------------------------------
+# Textual Inversion
+# ---------------------------------------------------------------------------
+
+
+class TextualInversionMethod(Method):
+    key, label = "ti", "Textual Inversion"
+
+    def _state(self, index: int) -> Path:
+        return self.root / f"task_{index + 1:04d}.safetensors"
+
+    def _learn(self, task):
+        p = self.protocol
+        pipe = _load_pipe(self.model, self.device)
+        instance, prior = task_examples(task, _resolution(pipe), p.num_class_images)
+        ids = add_concept_tokens(pipe, [task])
+        result = train_generic(pipe, instance, prior, ids, [], p.lr_lora, p.lr_embedding, p.steps, p.batch_size,
+                               p.seed, p.prior_loss_weight)
+        tensors = {f"embedding/{task.token}": pipe.text_encoder.get_input_embeddings().weight[ids[0]].detach().clone()}
+        save_file(tensors, self._state(task.index))
+        return {"train_seconds": result["seconds"], "stored_bytes": _payload_bytes(tensors),
+                "file_bytes": self._state(task.index).stat().st_size, "loss_last": result["losses"][-1:] or None}
+
+    def _embeddings(self, tasks) -> dict:
+        rows = {}
+        for t in tasks:
+            for k, v in load_file(self._state(t.index)).items():
+                if k.startswith("embedding/"):
+                    rows[k.split("/", 1)[1]] = v
+        return rows
+
+    def build(self, tasks):
+        pipe = _load_pipe(self.model, self.device)
+        started = time.perf_counter()
+        add_concept_tokens(pipe, tasks, self._embeddings(tasks))
+        return pipe, {"combine_seconds": time.perf_counter() - started, "combine_bytes": 0}
+
+
+# ---------------------------------------------------------------------------
+# LoRA methods
+# ---------------------------------------------------------------------------
+
+
+def inject_lora(unet, names: Sequence[str], rank: int, adapter: str) -> dict:
+    """peft LoRA (alpha = rank: scaling 1) on the named K/V layers; returns {name: lora layer}."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(names),
+                        init_lora_weights=True, bias="none")
+    inject_adapter_in_model(config, unet, adapter_name=adapter)
+    return {n: unet.get_submodule(n) for n in names}
+
+
+def lora_delta(layer, adapter: str) -> torch.Tensor:
+    """The (differentiable) weight delta ``scaling * B @ A`` of a peft LoRA layer."""
+    a = layer.lora_A[adapter].weight
+    b = layer.lora_B[adapter].weight
+    return layer.scaling[adapter] * (b @ a)
+
+
+def orthogonal_basis(size: int, seed: int) -> torch.Tensor:
+    """A random (size x size) orthogonal matrix, reproducible from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(size, size, generator=g, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.float()
+
+
+class _LoRAMethod(Method):
+    """A LoRA on every cross-attention K/V per concept, stored as ``A`` / ``B`` per layer plus
+    the token's embedding row."""
+
+    def _state(self, index: int) -> Path:
+        return self.root / f"task_{index + 1:04d}.safetensors"
+
+    def _load(self, index: int) -> tuple[dict, dict, dict]:
+        """(A per layer, B per layer, embedding rows) of task ``index``."""
+        data = load_file(self._state(index))
+        a = {k[2:]: v for k, v in data.items() if k.startswith("A/")}
+        b = {k[2:]: v for k, v in data.items() if k.startswith("B/")}
+        e = {k.split("/", 1)[1]: v for k, v in data.items() if k.startswith("embedding/")}
+        return a, b, e
+
+    def deltas(self, index: int) -> dict[str, torch.Tensor]:
+        a, b, _ = self._load(index)
+        return {n: b[n] @ a[n] for n in a}
+
+    def start_pipe(self, task: ConceptTask):
+        """The pipeline a task trains from (W_0 by default)."""
+        return _load_pipe(self.model, self.device)
+
+    def setup_lora(self, task, layers: dict, adapter: str) -> list[torch.nn.Parameter]:
+        """Trainable parameters of the new LoRA (both A and B by default)."""
+        params = []
+        for layer in layers.values():
+            params += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+        return params
+
+    def extra_loss(self, task, layers: dict, adapter: str):
+        return None
+
+    def _learn(self, task):
+        p = self.protocol
+        pipe = self.start_pipe(task)
+        names = list(cross_attention_kv_layers(pipe.unet))
+        instance, prior = task_examples(task, _resolution(pipe), p.num_class_images)
+        ids = add_concept_tokens(pipe, [task])
+        adapter = f"c{task.index + 1}"
+        layers = inject_lora(pipe.unet, names, p.lora_rank, adapter)
+        if self.device:
+            pipe.unet.to(self.device)
+        params = self.setup_lora(task, layers, adapter)
+        result = train_generic(pipe, instance, prior, ids, params, p.lr_lora, p.lr_embedding, p.steps,
+                               p.batch_size, p.seed, p.prior_loss_weight, self.extra_loss(task, layers, adapter))
+        tensors = {}
+        for n, layer in layers.items():
+            scale = float(layer.scaling[adapter])
+            tensors[f"A/{n}"] = layer.lora_A[adapter].weight.detach().float().cpu().clone()
+            tensors[f"B/{n}"] = (scale * layer.lora_B[adapter].weight.detach().float().cpu()).clone()
+        tensors[f"embedding/{task.token}"] = pipe.text_encoder.get_input_embeddings().weight[ids[0]].detach().float().cpu().clone()
+        save_file(tensors, self._state(task.index))
+        return {"train_seconds": result["seconds"], "stored_bytes": _payload_bytes(tensors),
+                "file_bytes": self._state(task.index).stat().st_size, "loss_last": result["losses"][-1:] or None,
+                "instance_prompts": [e.prompt for e in instance]}
+
+    def _embeddings(self, tasks) -> dict:
+        rows = {}
+        for t in tasks:
+            rows.update(self._load(t.index)[2])
+        return rows
+
+    def _apply_sum(self, pipe, tasks) -> int:
+        """W = W_0 + sum of the tasks' deltas; returns the extra bytes held while summing."""
+        layers = cross_attention_kv_layers(pipe.unet)
+        extra = 0
+        with torch.no_grad():
+            total = {n: torch.zeros_like(l.weight, dtype=torch.float32) for n, l in layers.items()}
+            extra += sum(t.numel() * 4 for t in total.values())
+            for t in tasks:
+                for n, d in self.deltas(t.index).items():
+                    total[n] += d
+            for n, l in layers.items():
+                l.weight += total[n].to(l.weight.device, l.weight.dtype)
+        return extra
+
+    def build(self, tasks):
+        pipe = _load_pipe(self.model, None)
+        add_concept_tokens(pipe, tasks, self._embeddings(tasks))
+        started = time.perf_counter()
+        extra = self._apply_sum(pipe, tasks)
+        seconds = time.perf_counter() - started
+        if self.device:
+            pipe.to(self.device)
+        return pipe, {"combine_seconds": seconds, "combine_bytes": extra}
+
+
+class CLoRAMethod(_LoRAMethod):
+    key, label = "c-lora", "C-LoRA (Continual Diffusion)"
+
+    def start_pipe(self, task):
+        pipe = _load_pipe(self.model, None)
+        earlier = [self._task_stub(k) for k in range(task.index)]
+        if earlier:
+            add_concept_tokens(pipe, earlier, self._embeddings(earlier))
+            self._apply_sum(pipe, earlier)
+        if self.device:
+            pipe.to(self.device)
+        return pipe
+
+    def _task_stub(self, index: int) -> ConceptTask:
+        r = self.record(index)
+        return ConceptTask(index, r["concept"], "", "", r["token"], "", "", "")
+
+    def extra_loss(self, task, layers, adapter):
+        if task.index == 0 or self.protocol.clora_lambda <= 0:
+            return None
+        earlier = {n: torch.zeros_like(l.get_base_layer().weight, dtype=torch.float32) for n, l in layers.items()}
+        for k in range(task.index):
+            for n, d in self.deltas(k).items():
+                earlier[n] += d
+        weight = {n: e.abs().to(layers[n].get_base_layer().weight.device) for n, e in earlier.items()}
+        lam = self.protocol.clora_lambda
+
+        def loss():
+            return lam * sum(((weight[n] * lora_delta(l, adapter)) ** 2).sum() for n, l in layers.items())
+
+        return loss
+
+
+class OrthogonalMethod(_LoRAMethod):
+    key, label = "ortho", "Orthogonal Adaptation"
+    continual = False
+
+    def down_projection(self, layer_name: str, in_features: int, concept_index: int) -> torch.Tensor:
+        """Rows ``[k r, (k+1) r)`` of a per-layer random orthogonal basis: concepts get disjoint
+        rows, hence mutually orthogonal down-projections."""
+        r = self.protocol.lora_rank
+        if (concept_index + 1) * r > in_features:
+            raise ValueError(f"orthogonal adaptation: {concept_index + 1} concepts x rank {r} exceed the "
+                             f"input width {in_features}")
+        q = orthogonal_basis(in_features, seed=97 * self.protocol.seed + zlib.crc32(layer_name.encode()))
+        return q[concept_index * r:(concept_index + 1) * r].clone()
+
+    def setup_lora(self, task, layers, adapter):
+        params = []
+        with torch.no_grad():
+            for name, layer in layers.items():
+                a = layer.lora_A[adapter].weight
+                a.copy_(self.down_projection(name, a.shape[1], task.index).to(a.device, a.dtype))
+                a.requires_grad_(False)
+                params.append(layer.lora_B[adapter].weight)
+        return params
+
+
+class MixOfShowMethod(_LoRAMethod):
+    key, label = "mix-of-show", "Mix-of-Show (gradient fusion, exact)"
+    continual = False
+    ridge = 1e-3  # relative to the mean diagonal of the feature Gram matrix (choice)
+
+    def build(self, tasks):
+        from ..model import encode_prompts
+
+        pipe = _load_pipe(self.model, None)
+        add_concept_tokens(pipe, tasks, self._embeddings(tasks))
+        started = time.perf_counter()
+        layers = cross_attention_kv_layers(pipe.unet)
+        extra = 0
+        with torch.no_grad():
+            features = []
+            for t in tasks:
+                x = torch.cat(encode_prompts(pipe.tokenizer, pipe.text_encoder, self.record(t.index)["instance_prompts"]))
+                features.append(x.double())
+                extra += x.numel() * 4
+            for n, layer in layers.items():
+                w0 = layer.weight.detach().double()
+                gram = torch.zeros(w0.shape[1], w0.shape[1], dtype=torch.float64)
+                rhs = torch.zeros_like(w0)
+                for t, x in zip(tasks, features):
+                    g = x.T @ x
+                    wi = w0 + self.deltas(t.index)[n].double()
+                    gram += g
+                    rhs += wi @ g
+                mu = self.ridge * float(gram.diagonal().mean()) if len(tasks) else 1.0
+                fused = torch.linalg.solve(gram + mu * torch.eye(gram.shape[0], dtype=torch.float64),
+                                           (rhs + mu * w0).T).T
+                layer.weight.copy_(fused.to(layer.weight.dtype))
+                extra = max(extra, extra + gram.numel() * 8 + rhs.numel() * 8)
+        seconds = time.perf_counter() - started
+        if self.device:
+            pipe.to(self.device)
+        return pipe, {"combine_seconds": seconds, "combine_bytes": extra}
+
+
+METHODS: dict[str, type[Method]] = {
+    m.key: m
+    for m in (CNSMethod, RandomNeuronsMethod, NoRegMethod, AllKVMethod, TextualInversionMethod, CLoRAMethod,
+              OrthogonalMethod, MixOfShowMethod)
+}
+METHOD_LABELS = {k: m.label for k, m in METHODS.items()}
+
+
+def make_method(key: str, root, model: str, protocol, device=None, calibration_prompts=None) -> Method:
+    if key not in METHODS:
+        raise KeyError(f"unknown method {key!r}; choose from {', '.join(METHODS)}")
+    return METHODS[key](root, model, protocol, device=device, calibration_prompts=calibration_prompts)

@@ -1,0 +1,71 @@
+"""Fixtures of the evaluation tests: a tiny random CLIP scorer, dummy concepts of three kinds,
+and a micro-protocol sized for the dummy pipeline (16 x 16 images, a few steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cns.evaluation.protocol import EvalConcept, Protocol
+from cns.evaluation.run import ZeroShotSet
+
+DUMMY_TEMPLATES = {
+    "object": ("a photo of a {token} {word}", "a {token} {word} in the city"),
+    "creature": ("a photo of a {token} {word}", "a {token} {word} on the beach"),
+    "style": ("a dog, {token} {word}", "a house, {token} {word}"),
+    "scene": ("a cat on a {token} {word}", "a car on a {token} {word}"),
+}
+DUMMY_CLASS_PROMPTS = {"object": "a photo of a {word}", "creature": "a photo of a {word}",
+                       "style": "a dog, {word}", "scene": "a cat on a {word}"}
+
+
+def micro_protocol(n_concepts: int = 3, **overrides) -> Protocol:
+    names = ["c0", "c1", "c2"][:n_concepts]
+    settings = dict(name="micro", sets=[names], single_prompts_per_concept=2, multi_prompts_per_set=2,
+                    images_per_prompt=2, reference_images=3, zero_shot_prompts=2, steps=3, batch_size=1,
+                    lr_embedding=1e-2, lr_neurons=1e-2, lr_lora=1e-2, lora_rank=2, num_class_images=2,
+                    sample_steps=2, guidance=2.0, templates=dict(DUMMY_TEMPLATES),
+                    class_prompts=dict(DUMMY_CLASS_PROMPTS))
+    settings.update(overrides)
+    return Protocol(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from cns.evaluation import ClipScorer
+    from cns.testing import DUMMY_WORDS
+    from cns.world.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_clip_tokenizer(list(DUMMY_WORDS) + [","], model_max_length=16)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8,
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    path = tmp_path_factory.mktemp("eval-clip") / "tiny"
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
+    return ClipScorer.from_pretrained(path, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def dummy_concepts(concept_folders):
+    kinds = [("c0", "object", "dog"), ("c1", "style", "style"), ("c2", "scene", "background")]
+    return {name: EvalConcept(name, kind, word, images=str(folder))
+            for (name, kind, word), folder in zip(kinds, concept_folders)}
+
+
+@pytest.fixture(scope="session")
+def dummy_zero_shot():
+    return ZeroShotSet(
+        prompts=["a photo of a red car", "a blue house"],
+        labels=[{"color": "red"}, {"color": "blue"}],
+        candidates={"color": (["red", "blue"], ["a red car", "a blue car"])},
+    )

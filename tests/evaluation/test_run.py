@@ -1,0 +1,117 @@
+"""The evaluation harness on the dummy pipeline: a 3-concept, 2-method micro-protocol (CNS and
+Orthogonal Adaptation) run end to end, resumed, and its numbers checked by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cns.evaluation import run as run_module
+from cns.evaluation.methods import METHODS
+from cns.evaluation.run import run_evaluation, score_matrix
+
+from .conftest import micro_protocol
+
+MICRO_METHODS = ("cns", "ortho")
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, base_model, tiny_scorer, dummy_concepts, dummy_zero_shot):
+    out = tmp_path_factory.mktemp("micro") / "eval"
+    results = run_evaluation(micro_protocol(), str(base_model), tiny_scorer, out, methods=MICRO_METHODS,
+                             concepts=dummy_concepts, zero_shot=dummy_zero_shot, progress=False)
+    return out, results
+
+
+def test_score_matrix_is_lower_triangular(micro_run):
+    out, results = micro_run
+    stored = json.loads((out / "results.json").read_text())
+    for key in MICRO_METHODS:
+        method = stored["sets"][0]["methods"][key]
+        for name in ("clip_i_mean", "clip_i_best", "clip_t_mean", "clip_t_best"):
+            m = score_matrix(method, name)
+            assert m.shape == (3, 3)
+            for j in range(3):
+                for i in range(3):
+                    assert math.isnan(m[j, i]) == (i > j), (key, name, j, i)
+        # best of N is at least the mean of the same prompts
+        assert np.all(score_matrix(method, "clip_i_best")[np.tril_indices(3)]
+                      >= score_matrix(method, "clip_i_mean")[np.tril_indices(3)] - 1e-9)
+
+
+def test_continual_summaries_match_hand_computation(micro_run):
+    _, results = micro_run
+    for key in MICRO_METHODS:
+        a = score_matrix(results["sets"][0]["methods"][key], "clip_i_mean")
+        a_t = (a[2, 0] + a[2, 1] + a[2, 2]) / 3
+        f_t = (max(a[0, 0] - a[2, 0], a[1, 0] - a[2, 0]) + (a[1, 1] - a[2, 1])) / 2
+        bwt = ((a[2, 0] - a[0, 0]) + (a[2, 1] - a[1, 1])) / 2
+        row = results["summary"][key]
+        assert row["A_T_mean"] == pytest.approx(a_t)
+        assert row["F_T_mean"] == pytest.approx(f_t)
+        assert row["BWT_mean"] == pytest.approx(bwt)
+        assert row["single_clip_i_mean"] == pytest.approx(a_t)
+        assert row["first_concept_curve"] == pytest.approx(list(a[:, 0]))
+
+
+def test_outputs_are_written(micro_run):
+    out, results = micro_run
+    report = (out / "report.md").read_text()
+    for text in ("Table 1", "Table 2", "A_T", "F_T", "BWT", "CNS", "Orthogonal Adaptation", "Zero-shot",
+                 "images per prompt: 2", "CLIP conventions", "forgetting.png", "score_matrices.png"):
+        assert text in report, text
+    for name in ("forgetting.png", "score_matrices.png", "grid_cns.png", "grid_ortho.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = results["summary"]
+    assert summary["cns"]["combine_bytes"] == 0
+    assert summary["ortho"]["combine_bytes"] > 0
+    assert {"multi_clip_i_mean", "multi_clip_t_best", "zero_shot_clip_t", "zero_shot_attributes",
+            "stored_bytes_per_concept", "train_seconds_per_concept"} <= set(summary["cns"])
+    assert results["base"]["zero_shot"]["attributes"]["color"] >= 0
+
+
+def test_rerun_skips_finished_units(micro_run, base_model, tiny_scorer, dummy_concepts, dummy_zero_shot,
+                                    monkeypatch):
+    out, first = micro_run
+    calls = {"learn": 0, "generate": 0}
+    original_generate = run_module.generate_images
+
+    def counting_generate(*args, **kwargs):
+        calls["generate"] += 1
+        return original_generate(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "generate_images", counting_generate)
+    for cls in {METHODS[k] for k in MICRO_METHODS}:
+        original_learn = cls.learn
+
+        def counting_learn(self, task, _original=original_learn):
+            calls["learn"] += 1
+            return _original(self, task)
+
+        monkeypatch.setattr(cls, "learn", counting_learn)
+
+    again = run_evaluation(micro_protocol(), str(base_model), tiny_scorer, out, methods=MICRO_METHODS,
+                           concepts=dummy_concepts, zero_shot=dummy_zero_shot, progress=False)
+    assert calls == {"learn": 0, "generate": 0}
+    assert again["summary"]["cns"]["A_T_mean"] == pytest.approx(first["summary"]["cns"]["A_T_mean"])
+
+    # one unit removed: only it is redone (task 2 of CNS: concepts 1 and 2, 2 prompts each)
+    # (the library now holds 3 tasks: W_2 is rebuilt from its first 2, and scores the same)
+    unit = out / "set1" / "cns" / "eval" / "task_0002.json"
+    before = json.loads(unit.read_text())["concepts"]
+    unit.unlink()
+    third = run_evaluation(micro_protocol(), str(base_model), tiny_scorer, out, methods=MICRO_METHODS,
+                           concepts=dummy_concepts, zero_shot=dummy_zero_shot, progress=False)
+    assert calls == {"learn": 0, "generate": 4}
+    after = json.loads(unit.read_text())["concepts"]
+    for i in ("0", "1"):
+        assert after[i]["clip_i"] == pytest.approx(before[i]["clip_i"], abs=1e-5)
+    assert third["summary"]["cns"]["A_T_mean"] == pytest.approx(first["summary"]["cns"]["A_T_mean"])
+
+    # other settings in the same folder are refused
+    with pytest.raises(ValueError, match="other settings"):
+        run_evaluation(micro_protocol(steps=4), str(base_model), tiny_scorer, out, methods=MICRO_METHODS,
+                       concepts=dummy_concepts, zero_shot=dummy_zero_shot, progress=False)
