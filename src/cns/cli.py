@@ -22,7 +22,7 @@ def _learn_config(args) -> LearnConfig:
     for field in (
         "steps", "seed", "batch_size", "select_ratio", "select_rule", "lr_embedding", "lr_neurons",
         "lambda_previous", "lambda_pretrained", "prior_loss_weight", "num_class_images", "class_image_steps",
-        "resolution", "mixed_precision", "device", "neurons",
+        "resolution", "mixed_precision", "device", "neurons", "checkpoint_every",
     ):
         value = getattr(args, field, None)
         if value is not None:
@@ -89,10 +89,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _refuse_damaged(library, problems: list[str]) -> None:
+    """Print each problem on stdout, then fail with one error line."""
+    if not problems:
+        return
+    for problem in problems:
+        print(f"problem: {problem}")
+    raise CNSError(f"library {library.path} failed its integrity check: {len(problems)} problem(s), first: "
+                   f"{problems[0]}")
+
+
+def cmd_check(args) -> int:
+    from .library import ConceptLibrary
+
+    library = ConceptLibrary(args.library)
+    _refuse_damaged(library, library.verify(check_base=args.base))
+    files = sum(len(t.get("files", {})) for t in library.tasks)
+    print(f"library {library.path} is sound: format {library.manifest['format_version']}, {len(library.tasks)} "
+          f"task(s), {len(library.tokens)} concept(s), {files} files match their checksums"
+          + (", base model matches" if args.base else ""))
+    return 0
+
+
 def cmd_show(args) -> int:
     from .library import ConceptLibrary
 
-    summary = ConceptLibrary(args.library).summary()
+    library = ConceptLibrary(args.library)
+    _refuse_damaged(library, library.verify())
+    summary = library.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -183,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="save a checkpoint every N steps; running the same learn again resumes from it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_learn)
 
@@ -203,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("library")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("check", help="verify a library's files: versions, checksums, shapes, masks vs values")
+    p.add_argument("library")
+    p.add_argument("--base", action="store_true", help="also load the base model and confirm it is the library's")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("demo", help="the tiny world demo: learn concepts one after another, draw, measure")
     p.add_argument("--out", default="cns-demo")
@@ -260,7 +291,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
-    if args.command != "show":  # the commands that load a model
+    if args.command != "show" and not (args.command == "check" and not args.base):  # the commands that load a model
         _hide_loading_bars()
     warnings.showwarning = _warning_line
     try:

@@ -40,6 +40,7 @@ class LearnConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (through accelerate)
     gradient_checkpointing: bool = False
     device: str | None = None  # None: accelerate's choice (GPU when present)
+    checkpoint_every: int = 0  # save a resumable checkpoint every N steps inside the library (0: never)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +62,8 @@ class LearnConfig:
             raise CNSError(f"neurons must be concept, random or all, got {self.neurons!r}")
         if self.steps < 0 or self.batch_size < 1:
             raise CNSError("steps must be >= 0 and batch size >= 1")
+        if self.checkpoint_every < 0:
+            raise CNSError(f"checkpoint every must be >= 0 steps (0: no checkpoints), got {self.checkpoint_every}")
         if self.resolution is not None and self.resolution < 1:
             raise CNSError(f"resolution must be a positive number of pixels, got {self.resolution}")
         if self.num_class_images < 0:

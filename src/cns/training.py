@@ -7,10 +7,11 @@ move. The loop knows nothing of the library's storage: tensors in, tensors out.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,8 @@ from .model import cross_attention_kv_layers
 from .regularizer import neuron_regularizer
 from .sparse import RowDeltaEmbedding, masked_update
 
-__all__ = ["Example", "TrainResult", "train_task", "diffusion_target", "sparse_trainables"]
+__all__ = ["Example", "TrainResult", "TrainingState", "train_task", "diffusion_target", "sparse_trainables",
+           "step_generator"]
 
 
 @dataclass
@@ -40,6 +42,63 @@ class TrainResult:
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     seconds: float = 0.0
     steps: int = 0
+    resumed_from_step: int = 0  # 0: trained from the start
+
+
+@dataclass
+class TrainingState:
+    """Everything a run needs to go on after ``step`` optimizer steps, bit for bit: the
+    trainable deltas, the optimizer's state (tensors only) and the losses so far."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    losses: list[float]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of one training step: a function of ``(seed, step)`` alone, so a run
+    resumed at any step draws exactly what an uninterrupted run draws."""
+    digest = hashlib.sha256(f"cns-train:{seed}:{step}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def _trainable_parameters(wrapped, embedding) -> dict[str, torch.nn.Parameter]:
+    params = {f"delta/{name}": module.delta for name, module in wrapped.items()}
+    if embedding is not None:
+        params["embedding/rows"] = embedding.trainable_rows
+    return params
+
+
+def _capture_state(step: int, params, optimizer, losses: list[float]) -> TrainingState:
+    tensors = {key: p.detach().cpu().clone() for key, p in params.items()}
+    for index, entry in optimizer.state_dict()["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer/{index}/{name}"] = value.detach().cpu().clone()
+            else:
+                tensors[f"optimizer/{index}/{name}"] = torch.tensor(float(value))
+    return TrainingState(step=step, tensors=tensors, losses=list(losses))
+
+
+@torch.no_grad()
+def _restore_state(state: TrainingState, params, optimizer) -> None:
+    expected = set(params)
+    given = {k for k in state.tensors if not k.startswith("optimizer/")}
+    if given != expected:
+        raise ValueError(f"checkpoint holds {sorted(given)}, this run trains {sorted(expected)}")
+    for key, param in params.items():
+        saved = state.tensors[key]
+        if saved.shape != param.shape:
+            raise ValueError(f"checkpoint {key} has shape {tuple(saved.shape)}, expected {tuple(param.shape)}")
+        param.copy_(saved.to(param.device, param.dtype))
+    restored: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in state.tensors.items():
+        if key.startswith("optimizer/"):
+            _, index, name = key.split("/", 2)
+            restored.setdefault(int(index), {})[name] = value.clone()
+    saved_state = optimizer.state_dict()
+    saved_state["state"] = restored
+    optimizer.load_state_dict(saved_state)
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -112,6 +171,8 @@ def train_task(
     pretrained: Mapping[str, torch.Tensor] | None = None,
     accelerator=None,
     progress: bool = True,
+    resume: TrainingState | None = None,
+    on_checkpoint: Callable[[TrainingState], None] | None = None,
 ) -> TrainResult:
     """Fine-tune one task (Eq. 8) in place on ``pipe`` and return what changed.
 
@@ -119,7 +180,11 @@ def train_task(
     ``token_ids``: the embedding rows this task trains (its new tokens).
     ``reg_masks``: per layer M_reg (this task's masks AND the earlier concepts'); with
     ``pretrained`` (W_0 per layer) they give L_reg (Eq. 7) against W_{m-1} (the weights on
-    entry) and W_0. Deterministic for a given ``config.seed`` on CPU.
+    entry) and W_0. Deterministic for a given ``config.seed`` on CPU: step ``i`` draws from
+    :func:`step_generator` ``(seed, i)``.
+    ``on_checkpoint`` receives a :class:`TrainingState` every ``config.checkpoint_every``
+    steps; ``resume`` (such a state) continues from its step with the result an uninterrupted
+    run gives.
     """
     from accelerate import Accelerator
 
@@ -131,7 +196,6 @@ def train_task(
         module.requires_grad_(False)
         module.to(device)
     scheduler = _training_scheduler(pipe)
-    generator = torch.Generator().manual_seed(config.seed)
     started = time.perf_counter()
 
     inst_mean, inst_std = _encode_latents(vae, torch.stack([e.pixels for e in instance]))
@@ -162,10 +226,18 @@ def train_task(
             optimizer = torch.optim.Adam(groups, weight_decay=0.0)
             optimizer = accelerator.prepare(optimizer)
             reg_terms = _regularizer_inputs(wrapped, reg_masks, previous, pretrained) if config.regularize else []
+            params = _trainable_parameters(wrapped, embedding)
+            first_step = 0
+            if resume is not None and 0 < resume.step <= config.steps:
+                _restore_state(resume, params, optimizer)
+                first_step = resume.step
+                losses.extend(resume.losses[:first_step])
 
-            bar = tqdm(range(config.steps), desc="cns learn", disable=not progress, dynamic_ncols=True)
-            for _ in bar:
+            bar = tqdm(range(first_step, config.steps), desc="cns learn", disable=not progress, dynamic_ncols=True,
+                       initial=first_step, total=config.steps)
+            for step in bar:
                 step_started = time.perf_counter()
+                generator = step_generator(config.seed, step)
                 pick = torch.randint(len(instance), (config.batch_size,), generator=generator)
                 latents = inst_mean[pick] + inst_std[pick] * torch.randn(inst_mean[pick].shape, generator=generator)
                 ids = inst_ids[pick]
@@ -206,6 +278,10 @@ def train_task(
                 losses.append(float(loss.detach()))
                 step_seconds.append(time.perf_counter() - step_started)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
+                done = step + 1
+                if on_checkpoint and config.checkpoint_every and done % config.checkpoint_every == 0 \
+                        and done < config.steps:
+                    on_checkpoint(_capture_state(done, params, optimizer, losses))
             flat_index = {name: m.flat_index for name, m in wrapped.items()}
     finally:
         if config.gradient_checkpointing:
@@ -218,7 +294,8 @@ def train_task(
         tokenizer.convert_ids_to_tokens(int(i)): table[int(i)].float().cpu().clone() for i in token_ids
     }
     return TrainResult(
-        values=values, embeddings=embeddings, losses=losses, step_seconds=step_seconds, seconds=time.perf_counter() - started, steps=config.steps
+        values=values, embeddings=embeddings, losses=losses, step_seconds=step_seconds, seconds=time.perf_counter() - started, steps=config.steps,
+        resumed_from_step=first_step,
     )
 
 
