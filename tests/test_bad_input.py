@@ -313,7 +313,8 @@ def test_generate_with_nothing_to_do(capsys, lib, tmp_path, args, keywords):
     (["--select-ratio", "1.5"], ["select ratio", "1.5"]),
     (["--resolution", "0"], ["resolution", "got 0"]),
     (["--resolution", "-16"], ["resolution", "got -16"]),
-], ids=["steps", "batch-size", "select-ratio", "resolution-0", "resolution-negative"])
+    (["--checkpoint-every", "-1"], ["checkpoint every", "got -1"]),
+], ids=["steps", "batch-size", "select-ratio", "resolution-0", "resolution-negative", "checkpoint-every"])
 def test_learn_with_bad_settings(capsys, lib, concept_folders, args, keywords):
     assert_refused(capsys, ["learn", lib, "--images", concept_folders[1], "--class-word", "cat", "--quiet", *args],
                    keywords, lib)
@@ -345,3 +346,121 @@ def test_second_writer_refused_while_locked(capsys, lib, concept_folders):
     rc, out, err = run(capsys, "learn", lib, "--images", concept_folders[1], "--class-word", "cat", *FAST_ARGS)
     assert rc == 0, err
     assert ConceptLibrary(lib).tokens == ["<new1>", "<new2>"]
+
+
+# ----------------------------------------------------------------------------- image sizes
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares ``width`` x ``height`` but holds no pixel data: refusing it must not
+    need decoding it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("width, height, keywords", [
+    (9000, 9000, ["huge.png", "9000x9000", "over 8192 px"]),
+    (60000, 60000, ["huge.png", "too large to decode safely"]),  # past Pillow's decompression-bomb limit
+], ids=["over-max-side", "decompression-bomb"])
+def test_very_large_image_is_refused_before_decoding(capsys, lib, tmp_path, width, height, keywords):
+    folder = _folder_with(tmp_path, "huge.png", None)
+    _png_header_only(folder / "huge.png", width, height)
+    assert_refused(capsys, ["learn", lib, "--images", folder, "--class-word", "cat", *FAST_ARGS], keywords, lib)
+
+
+def test_images_smaller_than_the_model_are_learned_with_a_warning(capsys, lib, tmp_path):
+    folder = write_dummy_images(tmp_path / "tiny", count=2, size=8)  # the dummy model draws 16 px
+    rc, out, err = run(capsys, "learn", lib, "--images", folder, "--class-word", "cat", *FAST_ARGS)
+    assert rc == 0, err
+    assert err.strip().splitlines() == [f"warning: {n} is 8x8 px, smaller than the model's 16 px"
+                                        for n in ("00.png", "01.png")]
+    assert out.startswith("learned <new2> (cat)")
+
+
+# ----------------------------------------------------------------------------- concepts_list paths
+def test_concepts_list_may_point_outside_its_folder(tmp_path, concept_folders):
+    """Relative folders are taken from the list's folder, ``..`` included: the list is the
+    user's own file, so it may name any folder that exists."""
+    shutil.copytree(concept_folders[1], tmp_path / "data" / "hat")
+    listing = tmp_path / "lists" / "concepts.json"
+    listing.parent.mkdir()
+    listing.write_text(json.dumps([{"instance_prompt": "photo of a <h1> hat", "instance_data_dir": "../data/hat"},
+                                   {"instance_prompt": "photo of a <d1> dog",
+                                    "instance_data_dir": str(concept_folders[0])}]))
+    specs = ConceptSpec.from_concepts_list(listing)
+    assert [Path(s.images).resolve() for s in specs] == [(tmp_path / "data" / "hat").resolve(), concept_folders[0]]
+
+
+def test_concepts_list_naming_a_file_as_its_folder(capsys, lib, tmp_path, concept_folders):
+    listing = tmp_path / "concepts.json"
+    listing.write_text(json.dumps([{"instance_prompt": "photo of a <h1> hat",
+                                    "instance_data_dir": str(concept_folders[1] / "00.png")}]))
+    assert_refused(capsys, ["learn", lib, "--concepts-list", listing, *FAST_ARGS],
+                   ["concept 0", "00.png", "is not a folder"], lib)
+
+
+# ----------------------------------------------------------------------------- captions
+def test_captions_of_only_unknown_words_are_refused(capsys, lib, tmp_path, concept_folders):
+    captions = tmp_path / "captions.json"
+    captions.write_text(json.dumps({f"0{i}.png": "zorbleflux quaxxing wibbertoon" for i in range(3)}))
+    assert_refused(capsys, ["learn", lib, "--images", concept_folders[1], "--class-word", "hat",
+                            "--captions", captions, *FAST_ARGS],
+                   ["'zorbleflux quaxxing wibbertoon'", "00.png", "no word the tokenizer knows"], lib)
+
+
+# ----------------------------------------------------------------------------- a full disk
+def _fill_disk_after(monkeypatch, module, name: str, calls: int, only=lambda *a, **k: True) -> None:
+    """``module.name`` writes half its output on its ``calls``-th matching call, then fails as a
+    full disk does."""
+    import errno
+
+    original = getattr(module, name)
+    seen = []
+
+    def filling(*args, **kwargs):
+        if only(*args, **kwargs):
+            seen.append(1)
+            if len(seen) == calls:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, filling)
+
+
+def test_disk_full_while_saving_the_task(capsys, monkeypatch, lib, concept_folders):
+    import cns.library
+    from safetensors.torch import save_file as real_save_file
+
+    def half_then_full(tensors, path, **kwargs):
+        real_save_file(tensors, path, **kwargs)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    calls = []
+    monkeypatch.setattr(cns.library, "save_file",
+                        lambda *a, **k: calls.append(1) or (half_then_full if len(calls) == 2 else real_save_file)(*a, **k))
+    assert_refused(capsys, ["learn", lib, "--images", concept_folders[1], "--class-word", "dog", *FAST_ARGS],
+                   ["disk full", "the library is unchanged"], lib)
+    assert len(calls) == 2
+
+
+def test_disk_full_while_replacing_the_manifest(capsys, monkeypatch, lib, concept_folders):
+    import cns.storage
+
+    _fill_disk_after(monkeypatch, cns.storage.json, "dump", 1,
+                     only=lambda data, f, **k: Path(getattr(f, "name", "")).name.startswith(".library.json"))
+    assert_refused(capsys, ["learn", lib, "--images", concept_folders[1], "--class-word", "dog", *FAST_ARGS],
+                   ["disk full", "library.json", "unchanged"], lib)
+
+
+def test_disk_full_while_caching_class_images(capsys, monkeypatch, lib, concept_folders):
+    from PIL import Image as PILImage
+
+    _fill_disk_after(monkeypatch, PILImage.Image, "save", 2, only=lambda self, fp, *a, **k: "class_images" in str(fp))
+    assert_refused(capsys, ["learn", lib, "--images", concept_folders[1], "--class-word", "cat", *FAST_ARGS],
+                   ["disk full", "class_images"], lib)
