@@ -3,7 +3,8 @@
 import torch
 from torch import nn
 
-from cns.world.pretrain import TinyWorldConfig, _load_checkpoint, _lr, _save_checkpoint, build_components, build_tokenizer
+from cns.world.checkpoints import load_checkpoint, read_checkpoint_info, save_checkpoint
+from cns.world.pretrain import TinyWorldConfig, _lr, build_components, build_tokenizer
 from cns.world.render import vocabulary_words
 
 
@@ -45,14 +46,28 @@ def test_checkpoint_resume_equals_an_uninterrupted_run(tmp_path):
     first, opt1 = _model_and_optimizer(0)
     for s in range(2):
         _step(first, opt1, s)
-    _save_checkpoint(tmp_path, "ckpt", {"m": first}, opt1, step=2)
+    save_checkpoint(tmp_path, "ckpt", {"m": first}, opt1, step=2)
     resumed, opt2 = _model_and_optimizer(123)  # different init: everything must come from the file
-    assert _load_checkpoint(tmp_path, "ckpt", {"m": resumed}, opt2) == 2
+    assert load_checkpoint(tmp_path, "ckpt", {"m": resumed}, opt2) == 2
     for s in range(2, 4):
         _step(resumed, opt2, s)
     for a, b in zip(straight.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-    assert _load_checkpoint(tmp_path, "missing", {"m": resumed}, opt2) == 0
+    assert load_checkpoint(tmp_path, "missing", {"m": resumed}, opt2) == 0
+    assert not any(p.suffix == ".pt" or p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_a_checkpoint_without_its_json_is_incomplete_and_ignored(tmp_path):
+    model, opt = _model_and_optimizer(0)
+    _step(model, opt, 0)
+    save_checkpoint(tmp_path, "ckpt", {"m": model}, opt, step=1, extra={"meta": {"lr": 0.1}})
+    assert read_checkpoint_info(tmp_path, "ckpt") == {"step": 1, "meta": {"lr": 0.1}}
+    (tmp_path / "ckpt.json").unlink()  # killed between the two files
+    fresh, opt2 = _model_and_optimizer(5)
+    before = [p.clone() for p in fresh.parameters()]
+    assert read_checkpoint_info(tmp_path, "ckpt") is None
+    assert load_checkpoint(tmp_path, "ckpt", {"m": fresh}, opt2) == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, fresh.parameters()))
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():

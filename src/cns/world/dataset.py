@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from functools import partial
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .render import POSITION_PHRASES, Scene, decoration_phrase, render, sample_scene
 
-__all__ = ["CHUNK", "pool_scenes", "render_pool", "training_caption"]
+__all__ = ["CHUNK", "pool_scenes", "render_chunks", "render_pool", "training_caption"]
 
 CHUNK = 500
 
@@ -25,35 +27,58 @@ def pool_scenes(seed: int, chunk: int, split: str = "train") -> list[Scene]:
     return [sample_scene(rng, split) for _ in range(CHUNK)]
 
 
-def _render_chunk(job: tuple[int, int, str, int, str]) -> str:
-    seed, chunk, split, size, path = job
-    images = np.stack([np.asarray(render(s, size)) for s in pool_scenes(seed, chunk, split)])
+def _render_chunk(job: tuple[Callable[[int], Sequence[Scene]], int, int, str]) -> str:
+    chunk_scenes, chunk, size, path = job
+    images = np.stack([np.asarray(render(s, size)) for s in chunk_scenes(chunk)])
     tmp = f"{path}.{os.getpid()}.tmp.npy"
     np.save(tmp, images)
     os.replace(tmp, path)
     return path
 
 
+def _one_thread() -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def render_chunks(
+    folder: str | Path, chunk_scenes: Callable[[int], Sequence[Scene]], n: int, size: int = 64,
+    workers: int = 2, progress: bool = True, desc: str | None = None,
+) -> tuple[list[Scene], np.ndarray]:
+    """The first ``n`` scenes of chunks ``chunk_scenes(0), chunk_scenes(1), ...`` (``CHUNK`` each)
+    and their renders, uint8 ``(n, size, size, 3)``; chunks already in ``folder`` are reused.
+
+    ``chunk_scenes`` must be a pure, picklable function of the chunk index (such as a
+    ``functools.partial`` of a module-level function): workers are spawned processes.
+    """
+    from tqdm.auto import tqdm
+
+    chunks = -(-n // CHUNK)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(chunk_scenes, k, size, str(folder / f"chunk{k:04d}.npy")) for k in range(chunks)]
+    todo = [j for j in jobs if not os.path.exists(j[3])]
+    if todo:
+        with mp.get_context("spawn").Pool(max(1, workers), initializer=_one_thread) as pool:
+            for _ in tqdm(pool.imap_unordered(_render_chunk, todo), total=len(todo), disable=not progress,
+                          desc=desc or f"rendering {n} scenes"):
+                pass
+    scenes = [s for k in range(chunks) for s in chunk_scenes(k)][:n]
+    images = np.concatenate([np.load(j[3]) for j in jobs])[:n]
+    return scenes, images
+
+
 def render_pool(
     n: int, seed: int = 0, split: str = "train", size: int = 64, cache_dir: str | Path = ".", workers: int = 2,
     progress: bool = True,
 ) -> tuple[list[Scene], np.ndarray]:
-    """``n`` scenes of ``split`` and their renders, uint8 ``(n, size, size, 3)``."""
-    from tqdm.auto import tqdm
-
-    chunks = -(-n // CHUNK)
+    """``n`` scenes of ``split`` (the generator's pretraining sampler) and their renders."""
     folder = Path(cache_dir) / f"pool-{split}-seed{seed}-{size}px"
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, k, split, size, str(folder / f"chunk{k:04d}.npy")) for k in range(chunks)]
-    todo = [j for j in jobs if not os.path.exists(j[4])]
-    if todo:
-        with mp.get_context("spawn").Pool(max(1, workers)) as pool:
-            for _ in tqdm(pool.imap_unordered(_render_chunk, todo), total=len(todo), disable=not progress,
-                          desc=f"rendering {n} scenes"):
-                pass
-    scenes = [s for k in range(chunks) for s in pool_scenes(seed, k, split)][:n]
-    images = np.concatenate([np.load(j[4]) for j in jobs])[:n]
-    return scenes, images
+    return render_chunks(folder, partial(pool_scenes, seed, split=split), n, size, workers, progress)
 
 
 def training_caption(scene: Scene, rng: np.random.Generator, drop: float = 0.15) -> str:

@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from cns.world.dataset import CHUNK
 from cns.world.render import (
     BACKGROUNDS,
     PLAIN_BACKGROUNDS,
@@ -76,7 +77,10 @@ from cns.world.render import (
 EVALUATOR_PATH = Path(__file__).resolve().parent / "weights" / "evaluator"
 IMAGE_SIZE = 64
 MAX_TEXT_LENGTH = 77
-POOL_VERSION = 2  # bump when the training scene distribution changes (invalidates caches)
+# The training pool is the union of one pool per version (version 1: base styles and backgrounds
+# only; version 2: also recolored creature parts and unnamed style / background recipes).
+POOL_VERSIONS: tuple[int, ...] = (1, 2)
+TRAINING_VERSION = 3  # bump when training changes in a way a cached checkpoint must not resume across
 
 # Extra words of the evaluator prompts (beyond the caption vocabulary), and every printable
 # ASCII character as a one-character word so that punctuation, digits and personal tokens
@@ -209,7 +213,9 @@ def sample_novel_background(rng: np.random.Generator) -> Background:
         return background
 
 
-def sample_training_object(rng: np.random.Generator, position: str, max_decorations: int = 2) -> ObjectSpec:
+def sample_training_object(
+    rng: np.random.Generator, position: str, max_decorations: int = 2, part_color_prob: float = PART_COLOR_PROB
+) -> ObjectSpec:
     """A base-world object with 0..max_decorations decorations (classes drawn uniformly);
     creatures sometimes have recolored parts."""
     shape = str(rng.choice(OBJECT_CLASSES))
@@ -222,7 +228,7 @@ def sample_training_object(rng: np.random.Generator, position: str, max_decorati
     chosen = rng.choice(len(kinds), size=n_deco, replace=False) if n_deco else []
     decorations = tuple(Decoration(kinds[int(k)], str(rng.choice(colors))) for k in chosen)
     parts: tuple[tuple[str, str], ...] = ()
-    if shape in RECOLORABLE_PARTS and rng.random() < PART_COLOR_PROB:
+    if shape in RECOLORABLE_PARTS and part_color_prob > 0 and rng.random() < part_color_prob:
         names = RECOLORABLE_PARTS[shape]
         picked = rng.choice(len(names), size=int(rng.integers(1, len(names) + 1)), replace=False)
         parts = tuple((names[int(k)], str(rng.choice([c for c in COLORS if c != color]))) for k in sorted(picked))
@@ -230,25 +236,30 @@ def sample_training_object(rng: np.random.Generator, position: str, max_decorati
     return ObjectSpec(shape, color, size, position, decorations, part_colors=parts, offset=offset)
 
 
-def sample_training_scene(rng: np.random.Generator, heldout: bool = True, one_object_prob: float = 0.6) -> Scene:
+def sample_training_scene(
+    rng: np.random.Generator, heldout: bool = True, one_object_prob: float = 0.6, version: int = 2
+) -> Scene:
     """A random scene of the evaluator's training distribution.
 
     Like `sample_scene` but with up to two decorations per object, uniform classes, some
     recolored creature parts, and some unnamed style / background recipes (never those of a
     personal concept); with ``heldout`` the held-out combinations of the generator's
     pretraining split are allowed too. Looks reserved for personal concepts are never drawn.
+    ``version=1`` draws no recolored parts and no unnamed recipes (the first pool's scenes).
     """
+    extras = version >= 2
     for _ in range(10_000):
         if rng.random() < one_object_prob:
             positions: tuple[str, ...] = (str(rng.choice(list(POSITIONS))),)
         else:
             positions = POSITION_PAIRS[int(rng.integers(len(POSITION_PAIRS)))]
-        objects = tuple(sample_training_object(rng, p) for p in positions)
+        objects = tuple(sample_training_object(rng, p, part_color_prob=PART_COLOR_PROB if extras else 0.0)
+                        for p in positions)
         background: str | Background = str(rng.choice(list(BACKGROUNDS)))
         style: str | Style = str(rng.choice(list(STYLES)))
-        if rng.random() < NOVEL_BACKGROUND_PROB:
+        if extras and rng.random() < NOVEL_BACKGROUND_PROB:
             background = sample_novel_background(rng)
-        if rng.random() < NOVEL_STYLE_PROB:
+        if extras and rng.random() < NOVEL_STYLE_PROB:
             style = sample_novel_style(rng)
         scene = Scene(objects, background, style)
         if uses_reserved_look(scene) or not has_enough_contrast(scene):
@@ -401,64 +412,33 @@ def match_matrix(descriptions: Sequence[Description], scenes: Sequence[Scene]) -
 # Pool of rendered training scenes (cached on disk, chunked, deterministic per seed)
 # ---------------------------------------------------------------------------
 
-CHUNK = 500
-
-
 def default_cache_dir() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "cns" / "evaluator"
 
 
-def chunk_scenes(seed: int, chunk: int, heldout: bool = True) -> list[Scene]:
-    """The scenes of one pool chunk (deterministic for seed and chunk index)."""
-    rng = np.random.default_rng([seed, POOL_VERSION, chunk, int(heldout)])
-    return [sample_training_scene(rng, heldout) for _ in range(CHUNK)]
-
-
-def _render_chunk(args: tuple[int, int, bool, str]) -> str:
-    seed, chunk, heldout, path = args
-    if not os.path.exists(path):
-        images = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in chunk_scenes(seed, chunk, heldout)])
-        tmp = path + ".tmp.npy"
-        np.save(tmp, images)
-        os.replace(tmp, path)
-    return path
+def chunk_scenes(seed: int, chunk: int, heldout: bool = True, version: int = 2) -> list[Scene]:
+    """The scenes of one pool chunk (deterministic for seed, chunk index and pool version)."""
+    rng = np.random.default_rng([seed, version, chunk, int(heldout)])
+    return [sample_training_scene(rng, heldout, version=version) for _ in range(CHUNK)]
 
 
 def build_pool(
     n: int, seed: int, heldout: bool = True, cache_dir: str | Path | None = None, workers: int = 1,
-    progress: bool = True,
+    progress: bool = True, version: int = 2,
 ) -> tuple[list[Scene], np.ndarray]:
     """(scenes, uint8 images (n, 64, 64, 3)) of the training pool, rendering missing chunks.
 
     Chunks are cached as .npy files, so an interrupted build resumes; rendering happens in
     ``workers`` subprocesses (default 1: leaves the other cores to whatever else runs).
     """
-    from tqdm import tqdm
+    from functools import partial
 
-    n_chunks = math.ceil(n / CHUNK)
-    folder = Path(cache_dir or default_cache_dir()) / f"pool_v{POOL_VERSION}_seed{seed}_h{int(heldout)}"
-    folder.mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, k, heldout, str(folder / f"chunk{k:04d}.npy")) for k in range(n_chunks)]
-    todo = [j for j in jobs if not os.path.exists(j[3])]
-    if todo:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(max(1, workers), initializer=_worker_init) as pool:
-            for _ in tqdm(pool.imap_unordered(_render_chunk, todo), total=len(todo), disable=not progress,
-                          desc=f"rendering pool ({CHUNK} scenes a chunk)"):
-                pass
-    scenes = [s for k in range(n_chunks) for s in chunk_scenes(seed, k, heldout)][:n]
-    images = np.concatenate([np.load(j[3]) for j in jobs])[:n]
-    return scenes, images
+    from cns.world.dataset import render_chunks
 
-
-def _worker_init() -> None:
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:  # pragma: no cover
-        pass
+    folder = Path(cache_dir or default_cache_dir()) / f"pool_v{version}_seed{seed}_h{int(heldout)}"
+    return render_chunks(folder, partial(chunk_scenes, seed, heldout=heldout, version=version), n, IMAGE_SIZE,
+                         workers, progress, desc=f"rendering pool ({CHUNK} scenes a chunk)")
 
 
 # ---------------------------------------------------------------------------
@@ -549,6 +529,15 @@ def pixel_values(images: np.ndarray):
     return (x - mean) / std
 
 
+def shift_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Translate each (H, W, 3) image by its (dy, dx) pixels, wrapping around (augmentation: the
+    ViT's 16 px patches then see every edge at every offset; backgrounds are periodic)."""
+    out = np.empty_like(images)
+    for i, (dy, dx) in enumerate(shifts):
+        out[i] = np.roll(images[i], (int(dy), int(dx)), axis=(0, 1))
+    return out
+
+
 def _features(output):
     return output if not hasattr(output, "pooler_output") else output.pooler_output
 
@@ -617,6 +606,11 @@ HEAD_GROUPS: dict[str, tuple[str, ...]] = {
     "bg_diagonal": ("no", "yes"),
 }
 MULTI_LABEL_GROUPS = ("decoration", "decoration_color", "part_color")
+# "basic": the named attributes and decorations only; "full": also part colors and primitives.
+HEAD_SETS: dict[str, tuple[str, ...]] = {
+    "basic": ("shape", "color", "size", "position", "background", "style", "decoration", "decoration_color"),
+    "full": tuple(HEAD_GROUPS),
+}
 
 
 def _nearest_palette(rgb) -> str:
@@ -661,12 +655,13 @@ def _scene_labels(scene: Scene, group: str) -> set[str]:
     raise KeyError(group)
 
 
-def head_targets(scenes: Sequence[Scene]) -> dict:
+def head_targets(scenes: Sequence[Scene], groups: Sequence[str] = tuple(HEAD_GROUPS)) -> dict:
     """{group: (n_scenes, n_labels) multi-hot} of the labels present in each scene."""
     import torch
 
     out = {}
-    for group, labels in HEAD_GROUPS.items():
+    for group in groups:
+        labels = HEAD_GROUPS[group]
         t = torch.zeros(len(scenes), len(labels))
         index = {label: k for k, label in enumerate(labels)}
         for i, scene in enumerate(scenes):
@@ -676,20 +671,21 @@ def head_targets(scenes: Sequence[Scene]) -> dict:
     return out
 
 
-def make_heads(dim: int):
+def make_heads(dim: int, groups: Sequence[str] = tuple(HEAD_GROUPS)):
     """Auxiliary linear heads on the (unnormalised) image embedding: they give the image tower a
     direct signal for every attribute from the first step, which the contrastive loss alone
     lacks while the text tower cannot yet tell the attribute words apart."""
     import torch
 
-    return torch.nn.Linear(dim, sum(len(v) for v in HEAD_GROUPS.values()))
+    return torch.nn.Linear(dim, sum(len(HEAD_GROUPS[g]) for g in groups))
 
 
-def head_loss(logits, targets: dict):
+def head_loss(logits, targets: dict, groups: Sequence[str] = tuple(HEAD_GROUPS)):
     import torch
 
     losses, start = [], 0
-    for group, labels in HEAD_GROUPS.items():
+    for group in groups:
+        labels = HEAD_GROUPS[group]
         part, t = logits[:, start : start + len(labels)], targets[group]
         start += len(labels)
         if group in MULTI_LABEL_GROUPS:
@@ -772,7 +768,8 @@ def train(
     attribute_weight: float = 1.0,
     head_weight: float = 1.0,
     weight_decay: float = 0.05,
-    pool_size: int = 32000,
+    pool_size: int = 64000,
+    max_shift: int = 4,
     workers: int = 1,
     threads: int = 1,
     heldout: bool = True,
@@ -782,37 +779,57 @@ def train(
     progress: bool = True,
     eval_every: int = 500,
     tokenizer_path: str | Path | None = None,
+    pool_versions: Sequence[int] = POOL_VERSIONS,
+    head_set: str = "full",
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train the evaluator and save it to ``out``. Deterministic for a seed (batches and texts
-    of step k depend only on (seed, k)); resumes from ``<cache>/run_v<pool version>_seed<seed>_h<0|1>/``."""
+    of step k depend only on (seed, k)); resumes from ``<cache>/run_t<version>_seed<seed>_h<0|1>/``."""
     import torch
+
+    from cns.world.checkpoints import load_checkpoint, read_checkpoint_info, save_checkpoint
     from tqdm import tqdm
     from transformers import CLIPTokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     cache = Path(cache_dir or default_cache_dir())
-    scenes, images = build_pool(pool_size, seed, heldout, cache, workers, progress)
-    run_dir = cache / f"run_v{POOL_VERSION}_seed{seed}_h{int(heldout)}"
+    scenes, images = [], []
+    for version in pool_versions:
+        v_scenes, v_images = build_pool(pool_size // len(pool_versions), seed, heldout, cache, workers, progress,
+                                        version=version)
+        scenes += v_scenes
+        images.append(v_images)
+    images = np.concatenate(images)
+    run_dir = cache / f"run_t{TRAINING_VERSION}_seed{seed}_h{int(heldout)}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, tokenizer_dir = run_dir / "checkpoint.pt", run_dir / "tokenizer"
-    meta = {"pool_version": POOL_VERSION, "steps": steps, "batch_size": batch_size, "lr": lr,
+    tokenizer_dir = run_dir / "tokenizer"
+    meta = {"training_version": TRAINING_VERSION, "steps": steps, "batch_size": batch_size, "lr": lr,
+            "max_shift": max_shift,
             "attribute_weight": attribute_weight, "head_weight": head_weight, "pool_size": pool_size,
-            "config": config.__dict__}
-    state = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
-    if state is not None and (state["meta"] != meta or not tokenizer_dir.exists()):
-        state = None
+            "config": config.__dict__, "pool_versions": list(pool_versions), "head_set": head_set,
+            "init_from": str(init_from) if init_from else None}
+    meta = json.loads(json.dumps(meta))  # as it reads back from the checkpoint's JSON
+    info = read_checkpoint_info(run_dir, "checkpoint")
+    resume = info is not None and info.get("meta") == meta and tokenizer_dir.exists()
     # BPE training breaks ties differently from one process to the next, so token ids are not
     # reproducible: a resumed run reuses the tokenizer it started with, and ``tokenizer_path``
     # (e.g. the shipped evaluator folder) reproduces a given model exactly.
-    if state is not None:
+    if resume:
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     else:
-        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_path)) if tokenizer_path else build_tokenizer()
+        source = init_from or tokenizer_path  # a model's weights only make sense with its own tokenizer
+        tokenizer = CLIPTokenizer.from_pretrained(str(source)) if source else build_tokenizer()
         tokenizer.save_pretrained(str(tokenizer_dir))
     processor = build_processor(tokenizer)
-    model = build_model(tokenizer, config)
-    heads = make_heads(config.projection_dim)
+    if init_from:
+        from transformers import CLIPModel
+
+        model = CLIPModel.from_pretrained(str(init_from)).float()
+    else:
+        model = build_model(tokenizer, config)
+    groups = HEAD_SETS[head_set]
+    heads = make_heads(int(model.config.projection_dim), groups)
     named = list(model.named_parameters()) + [("heads." + n, p) for n, p in heads.named_parameters()]
     decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
@@ -826,13 +843,9 @@ def train(
         slices[attribute] = slice(len(all_prompts), len(all_prompts) + len(prompts))
         all_prompts += prompts
     prompt_tokens = tokenizer(all_prompts, padding=True, return_tensors="pt")
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        heads.load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        del state
+    modules = {"model": model, "heads": heads}
+    start = load_checkpoint(run_dir, "checkpoint", modules, optimizer) if resume else 0
+    if start:
         print(f"resuming from step {start}")
     warmup = max(1, min(200, steps // 10))
     monitor = _Monitor(tokenizer, seed) if eval_every else None
@@ -848,7 +861,10 @@ def train(
         tokens = tokenizer([d.text for d in descriptions], padding=True, truncation=True, return_tensors="pt")
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
-        image_emb = _features(model.get_image_features(pixel_values=pixel_values(images[idx])))
+        batch_images = images[idx]
+        if max_shift:
+            batch_images = shift_images(batch_images, rng.integers(-max_shift, max_shift + 1, size=(len(idx), 2)))
+        image_emb = _features(model.get_image_features(pixel_values=pixel_values(batch_images)))
         text_emb = _features(model.get_text_features(input_ids=tokens["input_ids"],
                                                      attention_mask=tokens["attention_mask"]))
         loss = contrastive_loss(image_emb, text_emb, model.logit_scale, matches)
@@ -858,7 +874,7 @@ def train(
             loss = loss + attribute_weight * attribute_loss(image_emb, prompt_emb, model.logit_scale,
                                                             attribute_targets(batch_scenes), slices)
         if head_weight:
-            loss = loss + head_weight * head_loss(heads(image_emb), head_targets(batch_scenes))
+            loss = loss + head_weight * head_loss(heads(image_emb), head_targets(batch_scenes, groups), groups)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
@@ -867,10 +883,7 @@ def train(
             model.logit_scale.clamp_(0, math.log(100))
         bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                        "meta": meta}, tmp)
-            os.replace(tmp, ckpt_path)
+            save_checkpoint(run_dir, "checkpoint", modules, optimizer, step + 1, {"meta": meta})
         if monitor is not None and ((step + 1) % eval_every == 0 or step + 1 == steps):
             bar.write(f"step {step + 1}: loss {loss.item():.3f}, " + monitor(model))
     model.eval()
@@ -907,6 +920,23 @@ def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence]
         truth = [scene_attribute(s, attribute) for s in scenes]
         _, report[attribute] = attribute_accuracy(emb, labels, prompts, scorer, true_labels=truth)
     return report
+
+
+def caption_report(scorer, n: int = 200, seed: int = 1000) -> dict[str, float]:
+    """CLIP-T sanity check on fresh train-split scenes (1 or 2 objects): mean cosine of each image
+    with its own caption and with the other captions, and caption retrieval top-1 accuracy."""
+    import torch
+
+    from cns.evaluation.metrics import cosine_matrix
+
+    rng = np.random.default_rng([seed, 5])
+    scenes = [sample_scene(rng, "train") for _ in range(n)]
+    sims = cosine_matrix(scorer.image_embeddings([render(s, IMAGE_SIZE) for s in scenes]),
+                         scorer.text_embeddings([caption(s) for s in scenes]))
+    own = float(sims.diagonal().mean())
+    other = float((sims.sum() - sims.diagonal().sum()) / (n * n - n))
+    top1 = float((sims.argmax(dim=1) == torch.arange(n)).float().mean())
+    return {"own": own, "other": other, "top1": top1}
 
 
 def class_scenes(concept, n: int = 10, seed: int = 0, layouts: int = 5) -> list[Scene]:
@@ -991,6 +1021,10 @@ def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 
         result["attributes"][split] = acc
         ok &= all(v >= TARGET_ACCURACY for v in acc.values())
         print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))
+    cap = caption_report(scorer, seed=seed)
+    result["captions"] = cap
+    print(f"\nCLIP-T sanity (200 fresh scenes, full captions): own caption {cap['own']:.3f}, other captions "
+          f"{cap['other']:.3f}, caption retrieval top-1 {cap['top1']:.3f}")
     print("\nconcept CLIP-I (cosine, pairs of different example layouts): own images vs each other | "
           "vs plain-class images")
     print(f"{'concept':<16}{'kind':<10}{'class':<12}{'self':>8}{'class':>8}{'margin':>8}")
@@ -1019,7 +1053,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of the zero-shot attribute-prompt loss added to the caption InfoNCE")
     t.add_argument("--head-weight", type=float, default=1.0,
                    help="weight of the auxiliary attribute heads on the image embedding (training only)")
-    t.add_argument("--pool-size", type=int, default=32000, help="rendered training scenes (cached)")
+    t.add_argument("--pool-size", type=int, default=64000,
+                   help="rendered training scenes (cached), split evenly over the pool versions")
+    t.add_argument("--max-shift", type=int, default=4, help="random translation augmentation, pixels")
+    t.add_argument("--pool-versions", default=",".join(map(str, POOL_VERSIONS)),
+                   help="comma-separated training pool versions (1: base recipes only; 2: also unnamed "
+                        "style/background recipes and recolored creature parts)")
+    t.add_argument("--heads", default="full", choices=sorted(HEAD_SETS), help="auxiliary head set")
+    t.add_argument("--init-from", default=None,
+                   help="start from this saved evaluator (weights and tokenizer) instead of from scratch")
     t.add_argument("--workers", type=int, default=1, help="rendering processes")
     t.add_argument("--threads", type=int, default=1, help="torch threads")
     t.add_argument("--no-heldout", action="store_true",
@@ -1038,7 +1080,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if args.command == "train":
-        train(args.out, args.steps, args.seed, args.batch_size, args.lr, args.attribute_weight, args.head_weight, pool_size=args.pool_size,
+        train(args.out, args.steps, args.seed, args.batch_size, args.lr, args.attribute_weight, args.head_weight,
+              pool_size=args.pool_size, max_shift=args.max_shift,
+              pool_versions=tuple(int(v) for v in args.pool_versions.split(",")), head_set=args.heads,
+              init_from=args.init_from,
               workers=args.workers, threads=args.threads, heldout=not args.no_heldout,
               cache_dir=args.cache_dir, progress=not args.no_progress,
               eval_every=args.eval_every, tokenizer_path=args.tokenizer)

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import load_checkpoint, save_checkpoint
+
 __all__ = ["TinyWorldConfig", "build_tokenizer", "build_components", "pretrain", "DEFAULT_MODEL_PATH"]
 
 DEFAULT_MODEL_PATH = Path(__file__).with_name("weights") / "tiny-world"
@@ -103,48 +105,6 @@ def build_components(config: TinyWorldConfig, tokenizer):
     return vae, text_encoder, unet, scheduler
 
 
-# ------------------------------------------------------------------ checkpoints (no pickle)
-
-
-def _save_checkpoint(folder: Path, name: str, modules: dict, optimizer, step: int, extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {}
-    for prefix, module in modules.items():
-        for key, value in module.state_dict().items():
-            tensors[f"model/{prefix}/{key}"] = value.detach().contiguous()
-    names = {id(p): f"{prefix}/{key}" for prefix, m in modules.items() for key, p in m.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value):
-                    tensors[f"optim/{names[id(p)]}/{key}"] = value.detach().contiguous().reshape(value.shape)
-    tmp = folder / f".{name}.tmp"
-    save_file(tensors, tmp)
-    os.replace(tmp, folder / f"{name}.safetensors")
-    (folder / f".{name}.json.tmp").write_text(json.dumps({"step": step, **(extra or {})}))
-    os.replace(folder / f".{name}.json.tmp", folder / f"{name}.json")
-
-
-def _load_checkpoint(folder: Path, name: str, modules: dict, optimizer) -> int:
-    from safetensors.torch import load_file
-
-    path = folder / f"{name}.safetensors"
-    if not path.exists():
-        return 0
-    tensors = load_file(path)
-    for prefix, module in modules.items():
-        module.load_state_dict({k.split("/", 2)[2]: v for k, v in tensors.items()
-                                if k.startswith(f"model/{prefix}/")})
-    params = {f"{prefix}/{key}": p for prefix, m in modules.items() for key, p in m.named_parameters()}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, rest = key.split("/", 1)
-            pname, state_key = rest.rsplit("/", 1)
-            optimizer.state[params[pname]][state_key] = value.reshape(value.shape) if value.dim() else value
-    return json.loads((folder / f"{name}.json").read_text())["step"]
-
-
 def _lr(step: int, steps: int, base: float, warmup: int) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
@@ -176,7 +136,7 @@ def train_vae(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, prog
     from tqdm.auto import tqdm
 
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
-    start = _load_checkpoint(work, "vae", {"vae": vae}, optimizer)
+    start = load_checkpoint(work, "vae", {"vae": vae}, optimizer)
     vae.train()
     bar = tqdm(range(start, config.vae_steps), initial=start, total=config.vae_steps, desc="VAE",
                disable=not progress, dynamic_ncols=True)
@@ -200,7 +160,7 @@ def train_vae(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, prog
         recent = (recent + [float(mse)])[-50:]
         bar.set_postfix(mse=f"{sum(recent) / len(recent):.4f}")
         if (step + 1) % config.extra.get("checkpoint_every", 250) == 0 or step + 1 == config.vae_steps:
-            _save_checkpoint(work, "vae", {"vae": vae}, optimizer, step + 1, {"mse": sum(recent) / len(recent)})
+            save_checkpoint(work, "vae", {"vae": vae}, optimizer, step + 1, {"mse": sum(recent) / len(recent)})
     vae.eval()
     return {"mse_last50": sum(recent) / len(recent) if recent else None}
 
@@ -239,7 +199,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
     optimizer = torch.optim.AdamW(params, lr=config.unet_lr, weight_decay=1e-2)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay)
     ema_path = work / "unet_ema.safetensors"
-    start = _load_checkpoint(work, "unet", {"unet": unet, "text_encoder": text_encoder}, optimizer)
+    start = load_checkpoint(work, "unet", {"unet": unet, "text_encoder": text_encoder}, optimizer)
     if start and ema_path.exists():
         from safetensors.torch import load_file
 
@@ -280,7 +240,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
 
             save_file({f"{i}": p.contiguous() for i, p in enumerate(ema.shadow_params)}, work / ".unet_ema.tmp")
             os.replace(work / ".unet_ema.tmp", ema_path)
-            _save_checkpoint(work, "unet", {"unet": unet, "text_encoder": text_encoder}, optimizer, step + 1,
+            save_checkpoint(work, "unet", {"unet": unet, "text_encoder": text_encoder}, optimizer, step + 1,
                              {"loss": sum(recent) / len(recent)})
     ema.copy_to(unet.parameters())
     unet.eval()
