@@ -23,3 +23,32 @@ def test_demo_covers_several_kinds_and_combines_them():
     assert any(len(names) == 3 for _, names in prompts)  # object + scene + style in one prompt
     for prompt, names in prompts:
         assert all(f"<new{i + 1}>" in prompt for i, c in enumerate(concepts) if c.name in names)
+
+
+def test_overview_grid_puts_examples_base_and_learned_images_in_one_row_per_concept(tmp_path):
+    from PIL import Image
+
+    from cns.generate import image_grid
+    from cns.world.demo import _overview_grid
+
+    (tmp_path / "concepts" / "a").mkdir(parents=True)
+    (tmp_path / "images").mkdir()
+    for k in range(3):
+        Image.new("RGB", (64, 64), (10 * k, 0, 0)).save(tmp_path / "concepts" / "a" / f"{k}.png")
+    colors = {"before": (0, 0, 255), "after": (0, 255, 0), "multi": (255, 255, 0)}
+    for name, color in colors.items():
+        image_grid([Image.new("RGB", (32, 32), color)] * 2, cols=2).save(tmp_path / "images" / f"{name}.png")
+    results = {
+        "concepts": [{"token": "<new1>", "name": "a", "examples": "concepts/a", "before_image": "images/before.png",
+                      "after_image": "images/after.png"}],
+        "multi": [{"concepts": ["a", "b"], "image": "images/multi.png"}],
+    }
+    grid = _overview_grid(tmp_path, results, cell=16, pad=2)
+    pixels = grid.load()
+    row0 = 18 + 8  # header, then the middle of the first row of cells
+    seen = {pixels[x, row0] for x in range(grid.width)}
+    assert colors["before"] in seen and colors["after"] in seen and (20, 0, 0) in seen
+    row1 = 18 + 18 + 8
+    assert colors["multi"] in {pixels[x, row1] for x in range(grid.width)}
+    # 3 examples + 2 base + 2 learned cells of 16 px, with the label column and gaps
+    assert grid.width == 150 + 3 * 18 + 2 * 18 + 2 * 18 + 3 * 12

@@ -156,6 +156,8 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
         images, path = draw(pipe, prompt, f"multi-{len(results['multi']) + 1}")
         results["multi"].append({"prompt": prompt, "concepts": names, "image": path,
                                  **score(images, prompt, names, tokens)})
+    _overview_grid(out, results).save(out / "overview.png")
+    results["overview"] = "overview.png"
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["metric"] = metric.describe() if scorer else "no evaluator: not measured"
     results["library"] = library.summary()
@@ -168,6 +170,48 @@ def _images(folder: Path, size: int):
     from PIL import Image
 
     return [Image.open(p).convert("RGB").resize((size, size), Image.LANCZOS) for p in sorted(folder.glob("*.png"))]
+
+
+def _overview_grid(out: Path, results: dict, cell: int = 64, pad: int = 2):
+    """One picture of the whole demo: per concept a row of its example images, what the base
+    model draws for the class word, and what the model draws after learning the concept; then one
+    row per multi-concept prompt. Images are upscaled (nearest) to ``cell`` pixels."""
+    from PIL import Image, ImageDraw
+
+    def cells(images) -> list:
+        return [im.convert("RGB").resize((cell, cell), Image.NEAREST) for im in images]
+
+    def split(path: str) -> list:  # the images of a one-row grid written by ``image_grid``
+        grid = Image.open(out / path)
+        side = grid.height - 2 * pad
+        n = (grid.width - pad) // (side + pad)
+        return [grid.crop((pad + i * (side + pad), pad, pad + i * (side + pad) + side, pad + side)) for i in range(n)]
+
+    rows: list[tuple[str, list, list, list]] = []
+    for c in results["concepts"]:
+        examples = [Image.open(p) for p in sorted((out / c["examples"]).glob("*.png"))][:4]
+        rows.append((f"{c['token']} {c['name']}", cells(examples), cells(split(c["before_image"])),
+                     cells(split(c["after_image"]))))
+    for m in results["multi"]:
+        rows.append((" + ".join(m["concepts"]), [], [], cells(split(m["image"]))))
+    label_w, gap, head = 150, 12, 18
+    widths = [max((len(r[k]) for r in rows), default=0) for k in (1, 2, 3)]
+    width = label_w + sum(w * (cell + pad) + gap for w in widths)
+    canvas = Image.new("RGB", (width, head + len(rows) * (cell + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x = label_w
+    for title, w in zip(("its images", "base model (class word)", "after learning it"), widths):
+        draw.text((x, 3), title, fill=(0, 0, 0))
+        x += w * (cell + pad) + gap
+    for r, (label, *groups) in enumerate(rows):
+        y = head + r * (cell + pad)
+        draw.text((4, y + cell // 2 - 6), label[:24], fill=(0, 0, 0))
+        x = label_w
+        for images, w in zip(groups, widths):
+            for k, image in enumerate(images):
+                canvas.paste(image, (x + k * (cell + pad), y))
+            x += w * (cell + pad) + gap
+    return canvas
 
 
 def _multi_prompts(learned) -> list[tuple[str, list[str]]]:
@@ -212,7 +256,8 @@ def _write_report(out: Path, results: dict) -> None:
             f"{c['before']['clip_i']:.3f} | {c['after']['clip_i']:.3f} | {final:.3f} | {c['after']['clip_t']:.3f} | "
             f"{c['learn_seconds']:.0f} s |"
         )
-    lines += ["", "## Each concept: its images, the base model, the personalized model", ""]
+    lines += ["", "![each concept's images, the base model, the personalized model](overview.png)", "",
+              "## Each concept: its images, the base model, the personalized model", ""]
     for c in results["concepts"]:
         examples = " ".join(f"![]({c['examples']}/{p.name})" for p in sorted((out / c["examples"]).glob("*.png")))
         lines += [
