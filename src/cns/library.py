@@ -83,6 +83,14 @@ def load_base_pipeline(name_or_path: str, revision: str | None = None, torch_dty
     if local.exists() and not (local / "model_index.json").is_file():
         raise CNSError(f"{name_or_path} is not a diffusers pipeline folder (no model_index.json)")
     source = str(local) if local.exists() else name_or_path
+    if local.is_dir():
+        for component in sorted(c for c in local.iterdir() if c.is_dir()):
+            pickles = sorted(f.name for f in component.iterdir() if f.suffix in (".bin", ".ckpt", ".pt", ".pth"))
+            if pickles and not any(component.glob("*.safetensors")):
+                raise CNSError(
+                    f"cannot load base model {name_or_path!r}: {component.name}/ holds only pickled weights "
+                    f"({pickles[0]}); cns reads safetensors only (save the model with safe_serialization=True)"
+                )
     try:
         # safetensors only: a pickled checkpoint (.bin, .ckpt) could run code when loaded
         pipe = StableDiffusionPipeline.from_pretrained(source, revision=revision, torch_dtype=torch_dtype,
