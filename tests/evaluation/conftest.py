@@ -31,10 +31,10 @@ def micro_protocol(n_concepts: int = 3, **overrides) -> Protocol:
 
 
 @pytest.fixture(scope="session")
-def tiny_scorer(tmp_path_factory):
+def tiny_clip_path(tmp_path_factory):
+    """A tiny random CLIPModel + processor saved to a folder (16 x 16 images, 8-d embeddings)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from cns.evaluation import ClipScorer
     from cns.testing import DUMMY_WORDS
     from cns.world.tokenizer import build_clip_tokenizer
 
@@ -52,7 +52,14 @@ def tiny_scorer(tmp_path_factory):
     path = tmp_path_factory.mktemp("eval-clip") / "tiny"
     CLIPModel(config).save_pretrained(path)
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
-    return ClipScorer.from_pretrained(path, device="cpu")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_scorer(tiny_clip_path):
+    from cns.evaluation import ClipScorer
+
+    return ClipScorer.from_pretrained(tiny_clip_path, device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -245,8 +245,9 @@ _POSITIONS_TWO = ("on the left", "on the right")
 def multi_prompts(protocol: Protocol, concepts: list[EvalConcept], tokens: list[str]) -> list[tuple[str, list[int]]]:
     """Multi-concept prompts over a set: (prompt, indices of the concepts it names).
 
-    Combinations of a subject (object or creature, one or two) with a scene and / or a style,
-    2 to 4 concepts each, in a fixed order; when a kind has several concepts they take turns.
+    Prompt k combines one or two subjects (objects or creatures) with a scene and / or a style
+    (2 to 4 concepts), cycling through 7 shapes of combination; subjects, scenes and styles
+    rotate with k so that the prompts cover the set's concepts.
     """
     subjects = [i for i, c in enumerate(concepts) if c.kind in ("object", "creature")]
     scenes = [i for i, c in enumerate(concepts) if c.kind == "scene"]
@@ -254,45 +255,37 @@ def multi_prompts(protocol: Protocol, concepts: list[EvalConcept], tokens: list[
     shapes = [(1, True, False), (1, False, True), (1, True, True), (2, False, False), (2, True, False),
               (2, False, True), (2, True, True)]
     out: list[tuple[str, list[int]]] = []
-    round_ = 0
-    while len(out) < protocol.multi_prompts_per_set and round_ < 8:
-        added = False
-        for n_subjects, with_scene, with_style in shapes:
-            if len(out) >= protocol.multi_prompts_per_set:
-                break
-            if len(subjects) < n_subjects or (with_scene and not scenes) or (with_style and not styles):
-                continue
-            picked = [subjects[(round_ + k) % len(subjects)] for k in range(n_subjects)]
-            if len(set(picked)) < n_subjects:
-                continue
-            parts = []
-            if n_subjects == 1:
-                c = concepts[picked[0]]
-                parts.append(f"a big {tokens[picked[0]]} {c.class_word} in the center")
-            else:
-                parts.append(" and ".join(
-                    f"a big {tokens[i]} {concepts[i].class_word} {pos}" for i, pos in zip(picked, _POSITIONS_TWO)))
-            names = list(picked)
-            if with_scene:
-                s = scenes[round_ % len(scenes)]
-                parts.append(f"on a {tokens[s]} {concepts[s].class_word}")
-                names.append(s)
-            else:
-                parts.append("on a gray background")
-            if with_style:
-                y = styles[round_ % len(styles)]
-                parts.append(f"{tokens[y]} {concepts[y].class_word}")
-                names.append(y)
-            else:
-                parts.append("flat style")
-            prompt = ", ".join(parts)
-            if any(p == prompt for p, _ in out):
-                continue
-            out.append((prompt, names))
-            added = True
-        round_ += 1
-        if not added and round_ > len(subjects) + 1:
+    turns = {"scene": 0, "style": 0}
+    for k in range(7 * max(1, protocol.multi_prompts_per_set)):
+        if len(out) >= protocol.multi_prompts_per_set:
             break
+        n_subjects, with_scene, with_style = shapes[k % len(shapes)]
+        if len(subjects) < n_subjects or (with_scene and not scenes) or (with_style and not styles):
+            continue
+        picked = [subjects[(k + m) % len(subjects)] for m in range(n_subjects)]
+        if n_subjects == 1:
+            parts = [f"a big {tokens[picked[0]]} {concepts[picked[0]].class_word} in the center"]
+        else:
+            parts = [" and ".join(f"a big {tokens[i]} {concepts[i].class_word} {pos}"
+                                  for i, pos in zip(picked, _POSITIONS_TWO))]
+        names = list(picked)
+        if with_scene:
+            scene = scenes[turns["scene"] % len(scenes)]
+            turns["scene"] += 1
+            parts.append(f"on a {tokens[scene]} {concepts[scene].class_word}")
+            names.append(scene)
+        else:
+            parts.append("on a gray background")
+        if with_style:
+            style = styles[turns["style"] % len(styles)]
+            turns["style"] += 1
+            parts.append(f"{tokens[style]} {concepts[style].class_word}")
+            names.append(style)
+        else:
+            parts.append("flat style")
+        prompt = ", ".join(parts)
+        if len(names) >= 2 and all(prompt != q for q, _ in out):
+            out.append((prompt, names))
     return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 import warnings
@@ -66,8 +67,12 @@ def tiny_world_zero_shot(n: int, seed: int = 0) -> ZeroShotSet:
 
 
 def _state():
+    """accelerate's process state. Under ``accelerate launch`` with several processes on a
+    machine without a GPU, the processes join as CPU workers (gloo)."""
     from accelerate import PartialState
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        return PartialState(cpu=True)
     return PartialState()
 
 
@@ -483,7 +488,8 @@ def write_report(out: Path, results: dict) -> None:
     lines = [
         "# Continual personalization on the tiny world: CNS, its ablations and the peers",
         "",
-        f"Model: `{results['model']}`. Run time {results.get('seconds', 0):.0f} s.",
+        f"Model: `{results['model']}`. This invocation took {results.get('seconds', 0):.0f} s (a resumed run "
+        "counts only what it redid).",
         "",
         "## Settings",
         "",
@@ -512,8 +518,9 @@ def write_report(out: Path, results: dict) -> None:
         "",
         "## Table 2: multi-concept personalization and cost",
         "",
-        "Combine: the extra time and memory to make one model that draws every learned concept "
-        "(fusion for modular methods; CNS and C-LoRA carry one model forward).",
+        "Combine: the extra time and memory to build, from what the method stores, one model that draws "
+        "every learned concept (a sum of LoRA deltas, Mix-of-Show's fusion, or for CNS and the K/V ablations "
+        "writing the stored values in place), beyond loading the base model.",
         "",
         "| method | CLIP-I | CLIP-T | CLIP-I best-of-N | CLIP-T best-of-N | stored / concept | combine time | "
         "combine memory | training / concept |",
@@ -579,6 +586,7 @@ def write_plots(out: Path, results: dict) -> list[str]:
     for key, row in summary.items():
         curve = row["first_concept_curve"]
         ax.plot(range(1, len(curve) + 1), curve, marker="o", label=labels[key])
+    ax.set_xticks(range(1, len(next(iter(summary.values()))["first_concept_curve"]) + 1))
     ax.set_xlabel("after task")
     ax.set_ylabel("CLIP-I of the first concept")
     ax.set_title("Forgetting of the first concept")
@@ -603,7 +611,7 @@ def write_plots(out: Path, results: dict) -> list[str]:
     for ax, key in zip(axes.flat, keys):
         ax.axis("on")
         image = ax.imshow(np.ma.masked_invalid(matrices[key]), vmin=vmin, vmax=vmax, cmap="viridis")
-        ax.set_title(labels[key], fontsize=8)
+        ax.set_title(labels[key] if len(labels[key]) <= 28 else key, fontsize=8)
         ax.set_xlabel("concept i", fontsize=7)
         ax.set_ylabel("after task j", fontsize=7)
         n = matrices[key].shape[0]
@@ -634,6 +642,8 @@ def write_grids(out: Path, results: dict) -> list[str]:
             if not drawn.is_file():
                 continue
             drawn_image = Image.open(drawn).convert("RGB")
+            zoom = max(1, math.ceil(96 / drawn_image.height))  # small worlds: enlarged, pixel for pixel
+            drawn_image = drawn_image.resize((drawn_image.width * zoom, drawn_image.height * zoom), Image.NEAREST)
             h = drawn_image.height
             parts = [Image.open(p).convert("RGB").resize((h, h)) for p in refs]
             width = sum(p.width for p in parts) + 8 + drawn_image.width

@@ -1,0 +1,80 @@
+"""``cns evaluate`` (through ``cns.evaluation.cli``) on the dummy pipeline with tiny-world
+concepts, and the same run sharded over 2 CPU processes with ``accelerate launch``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cns.evaluation.cli import main, protocol_from_args, register
+
+TINY = ["--sets", "1", "--concepts", "2", "--prompts", "1", "--multi", "1", "--images", "2", "--zero-shot", "1",
+        "--steps", "2", "--batch-size", "1", "--sample-steps", "2", "--class-images", "1", "--quiet"]
+
+
+def _args(base_model, tiny_clip_path, out, methods=("cns", "ti")):
+    return ["--model", str(base_model), "--evaluator", str(tiny_clip_path), "--out", str(out),
+            "--methods", *methods, *TINY]
+
+
+def test_register_adds_evaluate_with_every_setting():
+    parser = argparse.ArgumentParser(prog="cns")
+    sub = parser.add_subparsers(dest="command")
+    register(sub)
+    args = parser.parse_args(["evaluate", "--preset", "paper", "--sets", "2", "--images", "7", "--clip-scale", "2.5",
+                              "--clip-at-zero", "--text-prefix", "A photo depicts "])
+    assert args.func.__name__ == "run_from_args"
+    protocol = protocol_from_args(args)
+    assert len(protocol.sets) == 2 and all(len(s) == 7 for s in protocol.sets)
+    assert protocol.images_per_prompt == 7 and protocol.single_prompts_per_concept == 5
+    assert protocol.clip_scale == 2.5 and protocol.clip_at_zero and protocol.text_prefix == "A photo depicts "
+    paper = protocol_from_args(parser.parse_args(["evaluate", "--preset", "paper"]))
+    assert paper.images_per_prompt == 50 and paper.multi_prompts_per_set == 7 and len(paper.sets) == 3
+    assert all(len(s) * paper.single_prompts_per_concept == 35 for s in paper.sets)
+
+
+def test_cli_runs_the_tiny_world_protocol_on_the_dummy_model(tmp_path, base_model, tiny_clip_path, capsys):
+    out = tmp_path / "eval"
+    assert main(_args(base_model, tiny_clip_path, out)) == 0
+    printed = capsys.readouterr().out
+    assert "CNS" in printed and "Textual Inversion" in printed and "report.md" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert [c["name"] for c in results["sets"][0]["concepts"]] == ["berry-heart", "starry-night"]
+    assert (out / "concepts" / "berry-heart" / "captions.json").is_file()
+    assert results["summary"]["ti"]["combine_bytes"] == 0
+    assert "set 1: berry-heart -> starry-night" in (out / "report.md").read_text()
+    # other settings in the same folder: a one-line error, not a traceback
+    assert main(_args(base_model, tiny_clip_path, out)[:-1] + ["--steps", "3", "--quiet"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_shard_generation_and_agree_with_one(tmp_path, base_model, tiny_clip_path):
+    """accelerate launch with 2 CPU processes: the same numbers as one process."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate launcher not on PATH")
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    assert main(_args(base_model, tiny_clip_path, single, methods=("cns",))) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29731", "-m", "cns.evaluation.cli",
+               *_args(base_model, tiny_clip_path, sharded, methods=("cns",))]
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this test shards over CPU processes")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = json.loads((single / "results.json").read_text())["sets"][0]["methods"]["cns"]["matrices"]
+    b = json.loads((sharded / "results.json").read_text())["sets"][0]["methods"]["cns"]["matrices"]
+    for name in a:
+        x = np.array(a[name], dtype=float)
+        y = np.array(b[name], dtype=float)
+        assert np.allclose(x, y, atol=1e-4, equal_nan=True), name
