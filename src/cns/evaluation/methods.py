@@ -153,11 +153,12 @@ def train_generic(
     scheduler = _training_scheduler(pipe)
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
-    inst_mean, inst_std = _encode_latents(vae, torch.stack([e.pixels for e in instance]))
+    # latents and noise are drawn on the CPU (seeded) and moved to the UNet's device per step
+    inst_mean, inst_std = (t.cpu() for t in _encode_latents(vae, torch.stack([e.pixels for e in instance])))
     inst_ids = _token_ids(tokenizer, [e.prompt for e in instance])
     use_prior = bool(prior) and prior_loss_weight > 0
     if use_prior:
-        prior_mean, prior_std = _encode_latents(vae, torch.stack([e.pixels for e in prior]))
+        prior_mean, prior_std = (t.cpu() for t in _encode_latents(vae, torch.stack([e.pixels for e in prior])))
         with torch.no_grad():
             prior_states = text_encoder(_token_ids(tokenizer, [e.prompt for e in prior]).to(device))[0].float().cpu()
     scaling = getattr(vae.config, "scaling_factor", 0.18215)
@@ -184,15 +185,14 @@ def train_generic(
             noise = torch.randn(latents.shape, generator=generator)
             timesteps = torch.randint(scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
             noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = diffusion_target(scheduler, latents, noise, timesteps)
+            target = diffusion_target(scheduler, latents, noise, timesteps).to(device)
             states = text_encoder(ids.to(device))[0]
             if use_prior:
                 states = torch.cat([states, prior_states[pick_prior].to(device, states.dtype)])
             prediction = unet(noisy.to(device), timesteps.to(device), states).sample
-            loss = F.mse_loss(prediction[:batch_size].float(), target[:batch_size].to(device))
+            loss = F.mse_loss(prediction[:batch_size].float(), target[:batch_size])
             if use_prior:
-                loss = loss + prior_loss_weight * F.mse_loss(prediction[batch_size:].float(),
-                                                             target[batch_size:].to(device))
+                loss = loss + prior_loss_weight * F.mse_loss(prediction[batch_size:].float(), target[batch_size:])
             if extra_loss is not None:
                 extra = extra_loss()
                 if extra is not None:

@@ -217,6 +217,8 @@ def run_evaluation(
 
     out = Path(out)
     state = _state()
+    if device is None and state.device.type != "cpu":
+        device = str(state.device)  # this process's GPU (one per process under accelerate launch)
     started = time.perf_counter()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
