@@ -55,6 +55,14 @@ def test_cli_runs_the_tiny_world_protocol_on_the_dummy_model(tmp_path, base_mode
     assert "other settings" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_missing_model_in_one_line(tmp_path, tiny_clip_path, capsys):
+    out = tmp_path / "eval"
+    assert main(_args(tmp_path / "no-such-model", tiny_clip_path, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_two_processes_shard_generation_and_agree_with_one(tmp_path, base_model, tiny_clip_path):
     """accelerate launch with 2 CPU processes: the same numbers as one process."""

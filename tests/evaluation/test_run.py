@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from cns.errors import CNSError
 from cns.evaluation import run as run_module
 from cns.evaluation.methods import METHODS
 from cns.evaluation.run import run_evaluation, score_matrix
@@ -112,6 +113,6 @@ def test_rerun_skips_finished_units(micro_run, base_model, tiny_scorer, dummy_co
     assert third["summary"]["cns"]["A_T_mean"] == pytest.approx(first["summary"]["cns"]["A_T_mean"])
 
     # other settings in the same folder are refused
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(CNSError, match="other settings"):
         run_evaluation(micro_protocol(steps=4), str(base_model), tiny_scorer, out, methods=MICRO_METHODS,
                        concepts=dummy_concepts, zero_shot=dummy_zero_shot, progress=False)

@@ -114,11 +114,8 @@ def run_from_args(args) -> int:
         raise CNSError(f"cannot load the CLIP evaluator {evaluator}: {str(exc).splitlines()[0]}") from None
     calibration = Path(__file__).resolve().parent.parent / "world" / "calibration_prompts.txt"
     prompts = read_prompt_file(calibration) if calibration.is_file() else None
-    try:
-        results = run_evaluation(protocol, str(model), scorer, args.out, methods=args.methods or DEFAULT_METHODS,
-                                 device=args.device, calibration_prompts=prompts, progress=not args.quiet)
-    except ValueError as exc:
-        raise CNSError(str(exc)) from None
+    results = run_evaluation(protocol, str(model), scorer, args.out, methods=args.methods or DEFAULT_METHODS,
+                             device=args.device, calibration_prompts=prompts, progress=not args.quiet)
     from .run import _state
 
     if _state().is_main_process:

@@ -633,27 +633,28 @@ class MixOfShowMethod(_LoRAMethod):
         add_concept_tokens(pipe, tasks, self._embeddings(tasks))
         started = time.perf_counter()
         layers = cross_attention_kv_layers(pipe.unet)
-        extra = 0
         with torch.no_grad():
-            features = []
+            features = []  # each concept's text features: what Mix-of-Show stores for the fusion
             for t in tasks:
                 x = torch.cat(encode_prompts(pipe.tokenizer, pipe.text_encoder, self.record(t.index)["instance_prompts"]))
                 features.append(x.double())
-                extra += x.numel() * 4
+            deltas = [self.deltas(t.index) for t in tasks]
+            held = sum(x.numel() * 4 for x in features) + sum(d.numel() * 4 for ds in deltas for d in ds.values())
+            layer_peak = 0  # per layer (float64): Gram matrix + its regularised copy, right-hand side + W_i
             for n, layer in layers.items():
                 w0 = layer.weight.detach().double()
                 gram = torch.zeros(w0.shape[1], w0.shape[1], dtype=torch.float64)
                 rhs = torch.zeros_like(w0)
-                for t, x in zip(tasks, features):
+                for x, delta in zip(features, deltas):
                     g = x.T @ x
-                    wi = w0 + self.deltas(t.index)[n].double()
                     gram += g
-                    rhs += wi @ g
-                mu = self.ridge * float(gram.diagonal().mean()) if len(tasks) else 1.0
+                    rhs += (w0 + delta[n].double()) @ g
+                mu = self.ridge * float(gram.diagonal().mean()) if tasks else 1.0
                 fused = torch.linalg.solve(gram + mu * torch.eye(gram.shape[0], dtype=torch.float64),
                                            (rhs + mu * w0).T).T
                 layer.weight.copy_(fused.to(layer.weight.dtype))
-                extra = max(extra, extra + gram.numel() * 8 + rhs.numel() * 8)
+                layer_peak = max(layer_peak, 8 * (2 * gram.numel() + 2 * rhs.numel()))
+            extra = held + layer_peak
         seconds = time.perf_counter() - started
         if self.device:
             pipe.to(self.device)

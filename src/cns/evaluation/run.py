@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ..errors import CNSError
 from .methods import METHOD_LABELS, METHODS, ConceptTask, make_method
 from .metrics import ClipScorer, continual_summary, cosine_matrix, prepare_prompt
 from .protocol import EvalConcept, Protocol, multi_prompts, resolve_folder, single_prompts
@@ -222,7 +223,7 @@ def run_evaluation(
     started = time.perf_counter()
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise KeyError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        raise CNSError(f"unknown methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if concepts is None:
         from .protocol import tiny_world_concepts
 
@@ -234,6 +235,10 @@ def run_evaluation(
         if progress and state.is_main_process:
             print(f"[{time.perf_counter() - started:7.1f}s] {msg}", flush=True)
 
+    base_probe = load_base_pipeline(model)
+    resolution = base_probe.unet.config.sample_size * base_probe.vae_scale_factor
+    del base_probe
+
     # settings: a finished unit is reused only under the same training and sampling settings
     settings_path = out / "protocol.json"
     current = {"protocol": protocol.to_dict(), "model": str(model)}
@@ -243,13 +248,9 @@ def run_evaluation(
             old = Protocol.from_dict(stored["protocol"])
             if old.training_signature() != protocol.training_signature() or \
                     old.sampling_signature() != protocol.sampling_signature() or stored.get("model") != str(model):
-                raise ValueError(f"{out} holds results made with other settings; use a new --out folder")
+                raise CNSError(f"{out} holds results made with other settings; use a new --out folder")
         _write_json(settings_path, current)
     state.wait_for_everyone()
-
-    base_probe = load_base_pipeline(model)
-    resolution = base_probe.unet.config.sample_size * base_probe.vae_scale_factor
-    del base_probe
 
     results: dict = {"sets": [], "base": {}}
     zs_candidates = {}
