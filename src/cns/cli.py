@@ -13,6 +13,7 @@ from pathlib import Path
 from . import __version__
 from .config import LearnConfig
 from .errors import CNSError
+from .evaluation.cli import register as register_evaluate
 
 __all__ = ["main", "build_parser"]
 
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("library")
     p.add_argument("out")
     p.set_defaults(func=cmd_export)
+    register_evaluate(sub)
     return parser
 
 

@@ -149,8 +149,8 @@ def _encode_latents(vae, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Te
     with torch.no_grad():
         for chunk in pixels.split(batch):
             dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
-            means.append(dist.mean.float())
-            stds.append(dist.std.float())
+            means.append(dist.mean.float().cpu())  # noise is drawn on the CPU (seeded per step)
+            stds.append(dist.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
 
 
