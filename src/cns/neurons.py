@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
 __all__ = [
     "wanda_scores",
+    "feature_norms",
+    "and_top_ratio_per_row",
     "select_top_ratio_per_row",
     "select_quantile_per_layer",
     "select_above_threshold",
@@ -43,6 +46,69 @@ def wanda_scores(weight: torch.Tensor, conditioning: torch.Tensor) -> torch.Tens
     return weight.detach().float().abs() * feature_norm.unsqueeze(0)
 
 
+def feature_norms(conditionings: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``(prompts, in)``: each prompt's ``||c[:, i]||_2`` of Eq. 3, computed as
+    :func:`wanda_scores` computes it (the batch folded into the tokens, float32)."""
+    return torch.stack([c.reshape(-1, c.shape[-1]).float().norm(p=2, dim=0) for c in conditionings])
+
+
+def _top_k_count(in_features: int, ratio: float) -> int:
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"select ratio must lie in [0, 1], got {ratio}")
+    return min(in_features, max(1, round(ratio * in_features))) if ratio > 0 else 0
+
+
+# Elements of one (prompts, rows, in) block of scores: small enough to stay in a CPU cache.
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def and_top_ratio_per_row(weight: torch.Tensor, norms: torch.Tensor, ratio: float) -> torch.Tensor:
+    """``AND_p select_top_ratio_per_row(wanda_scores(weight, c_p), ratio)`` (Eq. 3 then 4 or 5)
+    for all prompts at once, from their :func:`feature_norms` ``norms`` ``(prompts, in)``.
+
+    The same mask as the per-prompt composition, element for element, at a fraction of its
+    time: ``|W|`` is taken once; each cache-sized block of rows is scored for every prompt
+    in one product (the same float32 products as :func:`wanda_scores`), each row's k-th
+    largest score comes from a values-only partial sort (``numpy.partition``) and the row's
+    top k are the scores at or above it. A row whose k-th largest score is tied (more than
+    k scores reach it) is selected by ``torch.topk`` itself, as the per-prompt rule does, so
+    ties break exactly as there. On a non-CPU device it runs batched ``topk`` there.
+    """
+    if norms.dim() != 2 or norms.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"norms must be (prompts, {weight.shape[-1]}), got {tuple(norms.shape)}")
+    if norms.shape[0] == 0:
+        raise ValueError("AND of no masks is undefined: give at least one caption or prompt")
+    rows, in_features = weight.shape
+    k = _top_k_count(in_features, ratio)
+    magnitude = weight.detach().float().abs()
+    if k == 0:
+        return torch.zeros(weight.shape, dtype=torch.bool, device=weight.device)
+    if magnitude.device.type != "cpu":
+        norms = norms.to(magnitude.device, torch.float32)
+        result = None
+        for p in range(norms.shape[0]):
+            mask = select_top_ratio_per_row(magnitude * norms[p].unsqueeze(0), ratio)
+            result = mask if result is None else result & mask
+        return result
+    a = magnitude.contiguous().numpy()
+    n = norms.float().contiguous().numpy()
+    prompts = n.shape[0]
+    out = np.empty((rows, in_features), dtype=bool)
+    step = max(1, _BLOCK_ELEMENTS // (prompts * in_features))
+    for r0 in range(0, rows, step):
+        scores = a[r0 : r0 + step][None, :, :] * n[:, None, :]  # (prompts, rows, in), float32
+        kth = np.partition(scores, in_features - k, axis=-1)[..., in_features - k : in_features - k + 1]
+        chosen = scores >= kth
+        tied = np.nonzero(np.count_nonzero(chosen, axis=-1) != k)
+        if tied[0].size:  # ties at the k-th score (or NaN): let topk break them, as the per-prompt rule does
+            tied_scores = torch.from_numpy(np.ascontiguousarray(scores[tied]))
+            exact = torch.zeros(tied_scores.shape, dtype=torch.bool)
+            exact.scatter_(-1, tied_scores.topk(k, dim=-1, sorted=False).indices, True)
+            chosen[tied] = exact.numpy()
+        np.logical_and.reduce(chosen, axis=0, out=out[r0 : r0 + step])
+    return torch.from_numpy(out)
+
+
 # --- selection rules: one signature, (scores, value) -> bool mask of the scores' shape ---
 
 
@@ -52,10 +118,7 @@ def select_top_ratio_per_row(scores: torch.Tensor, ratio: float) -> torch.Tensor
     ``k = round(ratio * in_features)``, at least 1 when ``ratio > 0``. Ties are broken by
     ``torch.topk``, deterministically on a given device.
     """
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"select ratio must lie in [0, 1], got {ratio}")
-    in_features = scores.shape[-1]
-    k = min(in_features, max(1, round(ratio * in_features))) if ratio > 0 else 0
+    k = _top_k_count(scores.shape[-1], ratio)
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k:
         top = scores.topk(k, dim=-1, sorted=False).indices

@@ -27,11 +27,28 @@ class SelectionResult:
 
 
 def mask_for_prompts(
-    weight: torch.Tensor, conditionings: Sequence[torch.Tensor], rule: str, value: float
+    weight: torch.Tensor,
+    conditionings: Sequence[torch.Tensor],
+    rule: str,
+    value: float,
+    norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """AND over prompts of each prompt's selection mask (Eq. 3 then Eq. 4 or 5)."""
+    """AND over prompts of each prompt's selection mask (Eq. 3 then Eq. 4 or 5).
+
+    ``norms``: the prompts' :func:`neurons.feature_norms`, when the caller has them already
+    (they are the same for every layer of one width). The default rule runs all prompts at
+    once (:func:`neurons.and_top_ratio_per_row`); the others score one prompt at a time.
+    """
+    if norms is None:
+        if not conditionings:
+            raise ValueError("AND of no masks is undefined: give at least one caption or prompt")
+        norms = neurons.feature_norms(conditionings)
+    if rule == "top_ratio_per_row":
+        return neurons.and_top_ratio_per_row(weight, norms, value)
     select = neurons.SELECTION_RULES[rule]
-    return neurons.and_masks(select(neurons.wanda_scores(weight, c), value) for c in conditionings)
+    magnitude = weight.detach().float().abs()
+    norms = norms.to(magnitude.device, torch.float32)
+    return neurons.and_masks(select(magnitude * norms[p].unsqueeze(0), value) for p in range(norms.shape[0]))
 
 
 def select_concept_neurons(
@@ -56,9 +73,14 @@ def select_concept_neurons(
     if not calibration_conditioning:
         raise ValueError("selection needs at least one calibration prompt")
     base, general, concept, layers = {}, {}, {}, {}
+    caption_norms = neurons.feature_norms(caption_conditioning)  # once, for every layer
+    calibration_norms = neurons.feature_norms(calibration_conditioning)
     for name, weight in weights.items():
-        base[name] = mask_for_prompts(weight, caption_conditioning, rule, value)
-        general[name] = mask_for_prompts(weight, calibration_conditioning, rule, value)
+        for norms in (caption_norms, calibration_norms):
+            if norms.shape[-1] != weight.shape[-1]:
+                raise ValueError(f"conditioning has {norms.shape[-1]} features, {name} expects {weight.shape[-1]}")
+        base[name] = mask_for_prompts(weight, caption_conditioning, rule, value, caption_norms)
+        general[name] = mask_for_prompts(weight, calibration_conditioning, rule, value, calibration_norms)
         concept[name] = neurons.concept_mask(base[name], general[name])
         earlier = neurons.or_masks((m[name] for m in earlier_masks), like=concept[name])
         layers[name] = {
