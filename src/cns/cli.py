@@ -23,7 +23,7 @@ def _learn_config(args) -> LearnConfig:
     for field in (
         "steps", "seed", "batch_size", "select_ratio", "select_rule", "lr_embedding", "lr_neurons",
         "lambda_previous", "lambda_pretrained", "prior_loss_weight", "num_class_images", "class_image_steps",
-        "resolution", "mixed_precision", "device", "neurons", "checkpoint_every",
+        "resolution", "mixed_precision", "device", "neurons", "checkpoint_every", "attention_slicing",
     ):
         value = getattr(args, field, None)
         if value is not None:
@@ -206,8 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-class-images", type=int)
     p.add_argument("--class-image-steps", type=int)
     p.add_argument("--resolution", type=int)
-    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="autocast training through accelerate (bf16 also on CPU): less memory")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the UNet's activations in the backward pass: less memory, slower steps")
+    p.add_argument("--attention-slicing", choices=["no", "auto", "max"],
+                   help="diffusers' sliced attention in the UNet while training (see docs/performance.md)")
     p.add_argument("--device")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="save a checkpoint every N steps; running the same learn again resumes from it")

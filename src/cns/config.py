@@ -38,7 +38,8 @@ class LearnConfig:
     flip: bool = False  # random horizontal flips (off: captions may say left / right)
     seed: int = 0
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (through accelerate)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, slower steps
+    attention_slicing: str = "no"  # "no" | "auto" | "max": diffusers' sliced attention in the UNet while training
     device: str | None = None  # None: accelerate's choice (GPU when present)
     checkpoint_every: int = 0  # save a resumable checkpoint every N steps inside the library (0: never)
 
@@ -77,3 +78,5 @@ class LearnConfig:
                 raise CNSError(f"unknown device {self.device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise CNSError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.attention_slicing not in ("no", "auto", "max"):
+            raise CNSError(f"attention slicing must be no, auto or max, got {self.attention_slicing!r}")

@@ -186,10 +186,8 @@ def train_task(
     steps; ``resume`` (such a state) continues from its step with the result an uninterrupted
     run gives.
     """
-    from accelerate import Accelerator
-
     if accelerator is None:
-        accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
+        accelerator = _accelerator(config)
     device = torch.device(config.device) if config.device else accelerator.device
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     for module in (unet, text_encoder, vae):
@@ -212,6 +210,9 @@ def train_task(
     previous = {name: layers[name].weight.detach().clone() for name in masks} if reg_masks else {}
     losses: list[float] = []
     step_seconds: list[float] = []
+    processors = unet.attn_processors if config.attention_slicing != "no" else None
+    if processors is not None:
+        unet.set_attention_slice(config.attention_slicing)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()
@@ -287,6 +288,8 @@ def train_task(
         if config.gradient_checkpointing:
             unet.disable_gradient_checkpointing()
             unet.eval()
+        if processors is not None:
+            unet.set_attn_processor(processors)
     layers = cross_attention_kv_layers(unet)
     values = {name: layers[name].weight.detach().flatten()[flat_index[name]].float().cpu().clone() for name in masks}
     table = text_encoder.get_input_embeddings().weight.detach()
@@ -297,6 +300,22 @@ def train_task(
         values=values, embeddings=embeddings, losses=losses, step_seconds=step_seconds, seconds=time.perf_counter() - started, steps=config.steps,
         resumed_from_step=first_step,
     )
+
+
+def _accelerator(config: LearnConfig):
+    """accelerate's ``Accelerator`` for ``config``. Its state is one per process: a single
+    process that learns again with another ``mixed_precision`` (or CPU choice) starts it anew
+    rather than failing; a distributed run keeps its state and its error."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    try:
+        return Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
+    except ValueError:
+        if PartialState().num_processes != 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        return Accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
 
 
 def _training_scheduler(pipe):
