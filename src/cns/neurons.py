@@ -99,7 +99,7 @@ def and_top_ratio_per_row(weight: torch.Tensor, norms: torch.Tensor, ratio: floa
         scores = a[r0 : r0 + step][None, :, :] * n[:, None, :]  # (prompts, rows, in), float32
         kth = np.partition(scores, in_features - k, axis=-1)[..., in_features - k : in_features - k + 1]
         chosen = scores >= kth
-        tied = np.nonzero(np.count_nonzero(chosen, axis=-1) != k)
+        tied = np.nonzero(chosen.view(np.uint8).sum(axis=-1, dtype=np.int32) != k)
         if tied[0].size:  # ties at the k-th score (or NaN): let topk break them, as the per-prompt rule does
             tied_scores = torch.from_numpy(np.ascontiguousarray(scores[tied]))
             exact = torch.zeros(tied_scores.shape, dtype=torch.bool)
