@@ -127,8 +127,8 @@ def lora_train(pipe, token_ids, instance, prior, config: LearnConfig, rank: int 
 PROFILE_GROUPS = (
     ("sparse update (index_add, its backward)", ("index_add", "index_select", "aten::index", "take", "gather",
                                                  "scatter")),
-    ("optimizer (Adam)", ("_foreach", "adam", "addcdiv", "lerp", "sqrt", "zero_")),
-    ("regularizer (L_reg)", ("linalg_vector_norm", "norm")),
+    ("optimizer (Adam)", ("_foreach", "Adam", "adam", "addcdiv", "lerp")),
+    ("regularizer (L_reg: vector norms)", ("linalg_vector_norm",)),
 )
 
 

@@ -76,3 +76,14 @@ def test_fast_path_rejects_bad_input():
         neurons.and_top_ratio_per_row(torch.ones(2, 3), torch.ones(1, 3), 1.5)
     with pytest.raises(ValueError):
         select_concept_neurons({"l": torch.ones(2, 3)}, [torch.ones(1, 4)], [torch.ones(1, 4)])
+
+
+def test_non_finite_weights_select_as_topk_does():
+    weight, conditionings = random_case(3, 40, 24, 4)
+    weight[0, 3] = float("nan")
+    weight[1, :5] = float("inf")
+    weight[2, 7] = -float("inf")
+    conditionings[0][:, 5] = 0.0  # inf * 0 = nan in one prompt's scores
+    for ratio in (0.1, 0.5):
+        expected = reference_mask(weight, conditionings, "top_ratio_per_row", ratio)
+        assert torch.equal(neurons.and_top_ratio_per_row(weight, neurons.feature_norms(conditionings), ratio), expected)

@@ -69,8 +69,9 @@ def and_top_ratio_per_row(weight: torch.Tensor, norms: torch.Tensor, ratio: floa
     The same mask as the per-prompt composition, element for element, at a fraction of its
     time: ``|W|`` is taken once; each cache-sized block of rows is scored for every prompt
     in one product (the same float32 products as :func:`wanda_scores`), each row's k-th
-    largest score comes from a values-only partial sort (``numpy.partition``) and the row's
-    top k are the scores at or above it. A row whose k-th largest score is tied (more than
+    largest score comes from a values-only partial sort (``numpy.partition`` of the scores'
+    bits as int32, which order as the non-negative floats do) and the row's top k are the
+    scores at or above it. A row whose k-th largest score is tied (more than
     k scores reach it) is selected by ``torch.topk`` itself, as the per-prompt rule does, so
     ties break exactly as there. On a non-CPU device it runs batched ``topk`` there.
     """
@@ -97,7 +98,9 @@ def and_top_ratio_per_row(weight: torch.Tensor, norms: torch.Tensor, ratio: floa
     step = max(1, _BLOCK_ELEMENTS // (prompts * in_features))
     for r0 in range(0, rows, step):
         scores = a[r0 : r0 + step][None, :, :] * n[:, None, :]  # (prompts, rows, in), float32
-        kth = np.partition(scores, in_features - k, axis=-1)[..., in_features - k : in_features - k + 1]
+        # scores are >= 0, so their bits as int32 sort as the floats do (and partition faster)
+        kth = np.partition(scores.view(np.int32), in_features - k, axis=-1)[..., in_features - k : in_features - k + 1]
+        kth = kth.view(np.float32)
         chosen = scores >= kth
         tied = np.nonzero(chosen.view(np.uint8).sum(axis=-1, dtype=np.int32) != k)
         if tied[0].size:  # ties at the k-th score (or NaN): let topk break them, as the per-prompt rule does
