@@ -17,11 +17,8 @@ import torch
 __all__ = ["neuron_regularizer"]
 
 
-def _stacked_masked_difference(
-    current: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
-) -> torch.Tensor:
-    parts = [((w - r) * m).flatten() for w, r, m in zip(current, reference, masks, strict=True)]
-    return torch.cat(parts) if parts else torch.zeros(0)
+def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.flatten() for t in tensors]) if len(tensors) != 1 else tensors[0].flatten()
 
 
 def neuron_regularizer(
@@ -38,10 +35,21 @@ def neuron_regularizer(
     full weights, or the same gathered subset of elements of each). ``masks`` holds M_reg,
     boolean or 0/1. Returns a scalar; its (sub)gradient is 0 where the masked differences
     are all 0, so a task with no overlap gets neither loss nor gradient from it.
+
+    The layers are stacked first and the differences taken once over the stacked vector
+    (the same values as layer by layer, in a handful of operations whatever the number of
+    layers: this runs every training step).
     """
-    masks = [m.to(current[0].dtype) if m.dtype == torch.bool else m for m in masks] if current else []
-    to_previous = _stacked_masked_difference(current, previous, masks)
-    to_pretrained = _stacked_masked_difference(current, pretrained, masks)
+    if not (len(current) == len(previous) == len(pretrained) == len(masks)):
+        raise ValueError("current, previous, pretrained and masks need one tensor per layer each")
+    if not current:
+        return lambda_previous * torch.linalg.vector_norm(torch.zeros(0)) + lambda_pretrained * (
+            torch.linalg.vector_norm(torch.zeros(0))
+        )
+    weight = _stacked(current)
+    mask = _stacked([m.to(weight.dtype) if m.dtype == torch.bool else m for m in masks])
+    to_previous = (weight - _stacked(previous)) * mask
+    to_pretrained = (weight - _stacked(pretrained)) * mask
     return lambda_previous * torch.linalg.vector_norm(to_previous) + lambda_pretrained * (
         torch.linalg.vector_norm(to_pretrained)
     )
