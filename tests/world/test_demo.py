@@ -52,3 +52,35 @@ def test_overview_grid_puts_examples_base_and_learned_images_in_one_row_per_conc
     assert colors["multi"] in {pixels[x, row1] for x in range(grid.width)}
     # 3 examples + 2 base + 2 learned cells of 16 px, with the label column and gaps
     assert grid.width == 150 + 3 * 18 + 2 * 18 + 2 * 18 + 3 * 12
+
+
+def test_demo_runs_end_to_end_on_the_shipped_world(tmp_path):
+    """The main job, shrunk (2 concepts, 2 training steps, 1 image a prompt): it writes the report,
+    the overview picture and a sound library whose tokens are the concepts it learned."""
+    import json
+    import math
+
+    import pytest
+
+    from cns.library import ConceptLibrary
+    from cns.world.demo import DemoSettings, run_demo
+    from cns.world.evaluator import EVALUATOR_PATH
+    from cns.world.pretrain import DEFAULT_MODEL_PATH
+
+    if not (DEFAULT_MODEL_PATH / "model_index.json").is_file() or not (EVALUATOR_PATH / "config.json").is_file():
+        pytest.skip("tiny-world weights not built")
+    settings = DemoSettings(out=tmp_path / "demo", concepts=("starry-night", "berry-heart"), steps=2,
+                            num_class_images=1, images_per_prompt=1, sample_steps=2)
+    results = run_demo(settings, progress=False)
+    assert [c["name"] for c in results["concepts"]] == ["starry-night", "berry-heart"]
+    for c in results["concepts"]:
+        assert all(math.isfinite(c[when][m]) for when in ("before", "after") for m in ("clip_i", "clip_t"))
+        assert 0 < c["density"] < 1
+    assert results["concepts"][0]["after_later_tasks"]  # the first concept is measured again after the second
+    assert [m["concepts"] for m in results["multi"]] == [["berry-heart", "starry-night"]]  # object in the scene
+    out = settings.out
+    assert (out / "overview.png").is_file() and "overview.png" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["concepts"][1]["token"] == "<new2>"
+    library = ConceptLibrary(out / "library")
+    assert library.verify() == []
+    assert [c["token"] for c in library.summary()["concepts"]] == ["<new1>", "<new2>"]
