@@ -237,7 +237,8 @@ def main(argv=None) -> int:
     print(f"trainable K/V elements: cns {sum(int(m.sum()) for m in masks.values()):,} ({density(masks):.3%}; "
           f"{reg_count:,} under L_reg), plain {sum(m.numel() for m in everything.values()):,}")
     for method, value in median.items():
-        line = f"median step: {method:<22} {value * 1000:9.1f} ms   500 steps: {value * 500 / 60:6.1f} min"
+        line = (f"median step: {method:<22} {value * 1000:9.1f} ms (min {min(times[method]) * 1000:9.1f})   "
+                f"500 steps: {value * 500 / 60:6.1f} min")
         if cuda:
             line += f"   peak GPU memory {peak[method] / 2**30:.2f} GiB"
         print(line)
@@ -245,6 +246,8 @@ def main(argv=None) -> int:
         print(f"ratio cns / plain: {median['cns'] / median[PLAIN]:.3f} (target <= 1.05)")
     if "cns" in median and LORA in median:
         print(f"ratio cns / LoRA r4: {median['cns'] / median[LORA]:.3f}")
+    if "cns" in median and PLAIN in median:
+        print(f"ratio of the fastest steps, cns / plain: {min(times['cns']) / min(times[PLAIN]):.3f}")
     if cuda and "cns" in median:
         print(f"500 CNS steps: {median['cns'] * 500 / 60:.1f} min (paper: about 4 min on an RTX 3090)")
 
