@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the UNet's activations in the backward pass: less memory, slower steps")
     p.add_argument("--attention-slicing", choices=["no", "auto", "max"],
-                   help="diffusers' sliced attention in the UNet while training (see docs/performance.md)")
+                   help="diffusers' sliced attention in the UNet while training; with torch >= 2 it costs memory "
+                        "and time against the default attention (docs/performance.md)")
     p.add_argument("--device")
     p.add_argument("--checkpoint-every", type=int, metavar="N",
                    help="save a checkpoint every N steps; running the same learn again resumes from it")
