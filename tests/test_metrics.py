@@ -181,25 +181,9 @@ def test_continual_metrics_edge_cases():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from cns.testing import save_tiny_clip
 
-    from cns.world.tokenizer import build_clip_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_clip_tokenizer(["a", "photo", "of", "red", "star", "dog", ","], model_max_length=16)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        projection_dim=8,
-    )
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    path = tmp_path_factory.mktemp("clip") / "tiny"
-    CLIPModel(config).save_pretrained(path)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny", ["a", "photo", "of", "red", "star", "dog", ","])
 
 
 def _images():

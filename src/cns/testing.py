@@ -145,3 +145,27 @@ def make_sd15_architecture(seed: int = 0, words=DUMMY_WORDS):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def save_tiny_clip(path: str | Path, words, seed: int = 0) -> Path:
+    """A tiny random transformers ``CLIPModel`` + ``CLIPProcessor`` (16 x 16 images, 8-d
+    embeddings, a CLIP tokenizer trained on ``words``) saved to ``path``, for metric tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from .world.tokenizer import build_clip_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = build_clip_tokenizer(list(words), model_max_length=16)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        projection_dim=8,
+    )
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    path = Path(path)
+    CLIPModel(config).save_pretrained(path)
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
+    return path

@@ -33,26 +33,9 @@ def micro_protocol(n_concepts: int = 3, **overrides) -> Protocol:
 @pytest.fixture(scope="session")
 def tiny_clip_path(tmp_path_factory):
     """A tiny random CLIPModel + processor saved to a folder (16 x 16 images, 8-d embeddings)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from cns.testing import DUMMY_WORDS, save_tiny_clip
 
-    from cns.testing import DUMMY_WORDS
-    from cns.world.tokenizer import build_clip_tokenizer
-
-    torch.manual_seed(0)
-    tokenizer = build_clip_tokenizer(list(DUMMY_WORDS) + [","], model_max_length=16)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        projection_dim=8,
-    )
-    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    path = tmp_path_factory.mktemp("eval-clip") / "tiny"
-    CLIPModel(config).save_pretrained(path)
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
-    return path
+    return save_tiny_clip(tmp_path_factory.mktemp("eval-clip") / "tiny", list(DUMMY_WORDS) + [","])
 
 
 @pytest.fixture(scope="session")
