@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import cns.generate
 import cns.training
 from cns import CNSError, ConceptLibrary, ConceptSpec
 from cns.library import load_base_pipeline
@@ -163,6 +164,25 @@ def test_prior_images_are_generated_once_and_cached(empty_library, concept_folde
     stamps = {f: (folder / f).stat().st_mtime_ns for f in files}
     empty_library.learn([ConceptSpec(concept_folders[1], "dog")], fast_config(num_class_images=2), progress=False)
     assert {f: (folder / f).stat().st_mtime_ns for f in files} == stamps
+
+
+def test_prior_images_are_drawn_on_the_learning_device_then_the_pipeline_comes_back(empty_library, concept_folders,
+                                                                                    monkeypatch):
+    # the device is faked (no GPU here): the pipeline's moves are recorded, not made
+    from diffusers import StableDiffusionPipeline
+
+    import cns.library
+
+    moves = []
+    monkeypatch.setattr(cns.library, "resolve_device", lambda device: torch.device("cuda:3"))
+    monkeypatch.setattr(StableDiffusionPipeline, "to", lambda self, device: moves.append(str(device)) or self)
+    drawn_between = []
+    real_generate = cns.generate.generate_images
+    monkeypatch.setattr(cns.generate, "generate_images",
+                        lambda *a, **k: drawn_between.append(list(moves)) or real_generate(*a, **k))
+    empty_library.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(num_class_images=2), progress=False)
+    assert drawn_between == [["cuda:3"], ["cuda:3"]]  # each class image after the move to the device
+    assert moves == ["cuda:3", "cpu"]  # and back where the pipeline was, before training
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])

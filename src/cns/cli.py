@@ -80,7 +80,8 @@ def cmd_generate(args) -> int:
         raise CNSError(f"generate needs -n >= 1 and --steps >= 1 (got -n {args.n}, --steps {args.steps})")
     library = ConceptLibrary(args.library)
     images = library.generate(args.prompt, n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                              height=args.height, width=args.width, negative_prompt=args.negative_prompt)
+                              height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+                              device=args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--negative-prompt")
+    p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when there is one)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_generate)
 

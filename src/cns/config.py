@@ -80,3 +80,14 @@ class LearnConfig:
             raise CNSError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.attention_slicing not in ("no", "auto", "max"):
             raise CNSError(f"attention slicing must be no, auto or max, got {self.attention_slicing!r}")
+
+
+def resolve_device(device: str | None) -> "torch.device":
+    """``device``, or where accelerate runs this process when it is None (a GPU when there is one)."""
+    import torch
+
+    if device:
+        return torch.device(device)
+    from accelerate import PartialState
+
+    return PartialState().device

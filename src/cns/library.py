@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .captions import Captioner, captions_for_images, insert_token
-from .config import LearnConfig
+from .config import LearnConfig, resolve_device
 from .errors import CNSError
 from .images import image_tensor, load_image_folder
 from .model import cross_attention_kv_layers, encode_prompts, kv_fingerprint, layer_shapes
@@ -662,7 +662,10 @@ class ConceptLibrary:
 
                 iterator = tqdm(iterator, desc=f"class images '{prompt}'", dynamic_ncols=True)
             written = []
+            device = resolve_device(config.device)  # drawn where training runs (a GPU when there is one)
+            home = pipe.device
             try:
+                pipe.to(device)
                 for i in iterator:
                     image = generate_images(pipe, prompt, n=1, steps=config.class_image_steps,
                                             guidance=config.class_image_guidance, seed=i)[0]
@@ -681,6 +684,8 @@ class ConceptLibrary:
                 if isinstance(exc, OSError):
                     raise disk_error(exc, folder) from None
                 raise
+            finally:
+                pipe.to(home)
         chosen = files[: config.num_class_images]
         return [Image.open(folder / f).convert("RGB") for f in chosen]
 
@@ -776,8 +781,10 @@ class ConceptLibrary:
 
     # ----------------------------------------------------------------- using
     def generate(self, prompt: str, n: int = 4, steps: int = 50, guidance: float = 7.5, seed: int = 0,
-                 height: int | None = None, width: int | None = None, pipe=None, negative_prompt: str | None = None):
-        """Images for ``prompt`` from the personalized model; warns about unknown tokens."""
+                 height: int | None = None, width: int | None = None, pipe=None, negative_prompt: str | None = None,
+                 device: str | None = None):
+        """Images for ``prompt`` from the personalized model (on ``device``; None: a GPU when
+        there is one); warns about unknown tokens."""
         from .generate import generate_images, unknown_tokens
 
         unknown = unknown_tokens(prompt, self.tokens)
@@ -787,7 +794,7 @@ class ConceptLibrary:
                 f"(known: {', '.join(self.tokens) or 'none'})",
                 stacklevel=2,
             )
-        pipe = pipe or self.load_pipeline()
+        pipe = pipe or self.load_pipeline(device=resolve_device(device))
         return generate_images(pipe, prompt, n=n, steps=steps, guidance=guidance, seed=seed, height=height,
                                width=width, negative_prompt=negative_prompt)
 
