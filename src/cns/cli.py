@@ -146,7 +146,7 @@ def cmd_demo(args) -> int:
     from .world.demo import DEFAULT_DEMO_CONCEPTS, DemoSettings, run_demo
 
     settings = DemoSettings(out=Path(args.out), concepts=tuple(args.concepts or DEFAULT_DEMO_CONCEPTS), seed=args.seed)
-    for field in ("steps", "lr_neurons", "lr_embedding", "guidance", "images_per_prompt", "sample_steps", "model",
+    for field in ("steps", "lr_neurons", "lr_embedding", "select_ratio", "guidance", "images_per_prompt", "sample_steps", "model",
                   "evaluator"):
         if getattr(args, field, None) is not None:
             setattr(settings, field, getattr(args, field))
@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps per concept")
     p.add_argument("--lr-neurons", type=float, help="learning rate of the selected K/V elements")
     p.add_argument("--lr-embedding", type=float, help="learning rate of the new tokens' embeddings")
+    p.add_argument("--select-ratio", type=float, help="share of each K/V row selected per caption (Sec. 4.2)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--images-per-prompt", type=int)
     p.add_argument("--sample-steps", type=int)

@@ -39,6 +39,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zero-shot", type=int, help="generic (zero-shot) prompts")
     p.add_argument("--steps", type=int, help="training steps per concept (every method)")
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr-neurons", type=float, help="learning rate of K/V elements (CNS, its ablations, all K/V)")
+    p.add_argument("--lr-embedding", type=float, help="learning rate of the new tokens' embeddings (every method)")
+    p.add_argument("--lr-lora", type=float, help="learning rate of the LoRA methods")
+    p.add_argument("--select-ratio", type=float, help="CNS's per-caption share of each K/V row")
     p.add_argument("--sample-steps", type=int, help="DDIM steps per image")
     p.add_argument("--guidance", type=float)
     p.add_argument("--class-images", type=int, help="prior-preservation images per class prompt")
@@ -70,7 +74,8 @@ def protocol_from_args(args):
         "multi_prompts_per_set": args.multi, "zero_shot_prompts": args.zero_shot, "steps": args.steps,
         "batch_size": args.batch_size, "sample_steps": args.sample_steps, "guidance": args.guidance,
         "num_class_images": args.class_images, "clip_scale": args.clip_scale, "clip_at_zero": args.clip_at_zero,
-        "text_prefix": args.text_prefix, "seed": args.seed,
+        "text_prefix": args.text_prefix, "seed": args.seed, "lr_neurons": args.lr_neurons,
+        "lr_embedding": args.lr_embedding, "lr_lora": args.lr_lora, "select_ratio": args.select_ratio,
     }
     if args.keep_tokens:
         overrides["replace_tokens_with_class"] = False

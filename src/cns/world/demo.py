@@ -53,8 +53,9 @@ class DemoSettings:
     concepts: tuple[str, ...] = DEFAULT_DEMO_CONCEPTS
     steps: int = 300
     batch_size: int = 4
-    lr_neurons: float = 1e-3
+    lr_neurons: float = 1e-2
     lr_embedding: float = 1e-3  # higher pushed token rows to 2-5x the vocabulary's largest norm (measured)
+    select_ratio: float = 0.3  # 0.1 (the library's default) selects too few K/V elements in this 128-wide model
     num_class_images: int = 8
     images_per_prompt: int = 4
     sample_steps: int = 30
@@ -66,6 +67,7 @@ class DemoSettings:
 
 def _learn_config(s: DemoSettings) -> LearnConfig:
     return LearnConfig(steps=s.steps, batch_size=s.batch_size, lr_neurons=s.lr_neurons, lr_embedding=s.lr_embedding,
+                       select_ratio=s.select_ratio,
                        num_class_images=s.num_class_images, class_image_steps=s.sample_steps,
                        class_image_guidance=s.guidance, seed=s.seed)
 
