@@ -146,8 +146,8 @@ def cmd_demo(args) -> int:
     from .world.demo import DEFAULT_DEMO_CONCEPTS, DemoSettings, run_demo
 
     settings = DemoSettings(out=Path(args.out), concepts=tuple(args.concepts or DEFAULT_DEMO_CONCEPTS), seed=args.seed)
-    for field in ("steps", "lr_neurons", "lr_embedding", "select_ratio", "guidance", "images_per_prompt", "sample_steps", "model",
-                  "evaluator"):
+    for field in ("steps", "lr_neurons", "lr_embedding", "select_ratio", "guidance", "images_per_prompt",
+                  "sample_steps", "model", "evaluator"):
         if getattr(args, field, None) is not None:
             setattr(settings, field, getattr(args, field))
     results = run_demo(settings, progress=not args.quiet)

@@ -303,7 +303,8 @@ class CNSMethod(Method):
 
         p = self.protocol
         return LearnConfig(steps=p.steps, batch_size=p.batch_size, lr_neurons=p.lr_neurons,
-                           lr_embedding=p.lr_embedding, select_ratio=p.select_ratio, num_class_images=p.num_class_images,
+                           lr_embedding=p.lr_embedding, select_ratio=p.select_ratio,
+                           num_class_images=p.num_class_images,
                            prior_loss_weight=p.prior_loss_weight, seed=p.seed, neurons=self.neurons,
                            regularize=self.regularize, device=self.device)
 

@@ -154,8 +154,8 @@ class Protocol:
     def training_signature(self) -> dict:
         """The settings that change what a method learns (a finished unit is reused only when
         these match)."""
-        keys = ("steps", "batch_size", "lr_embedding", "lr_neurons", "select_ratio", "lr_lora", "lora_rank", "clora_lambda",
-                "num_class_images", "prior_loss_weight", "seed", "class_prompts", "reference_images")
+        keys = ("steps", "batch_size", "lr_embedding", "lr_neurons", "select_ratio", "lr_lora", "lora_rank",
+                "clora_lambda", "num_class_images", "prior_loss_weight", "seed", "class_prompts", "reference_images")
         return {k: getattr(self, k) for k in keys}
 
     def sampling_signature(self) -> dict:
