@@ -38,7 +38,7 @@ EOF
 
 # 1a. The tiny-world sweep, in the background (its own time limit).
 SWEEP_PROCS="${SWEEP_PROCS:-8}" SWEEP_LIMIT="${SWEEP_LIMIT:-$((END - SECONDS))}"
-SWEEP_GRID="${SWEEP_GRID:-lr_neurons=1e-3,3e-3,1e-2 lr_embedding=1e-3,5e-3 neurons=concept,all steps=300,1000}"
+SWEEP_GRID="${SWEEP_GRID:-select_ratio=0.1 lr_neurons=1e-3,3e-3,1e-2 lr_embedding=1e-3,5e-3 neurons=concept,all steps=300,1000}"
 echo "== sweep ($(date +%T), $SWEEP_PROCS processes, limit ${SWEEP_LIMIT}s): $SWEEP_GRID" | tee -a "$out/summary.txt"
 for ((i = 0; i < SWEEP_PROCS; i++)); do
   OMP_NUM_THREADS=1 timeout "$SWEEP_LIMIT" python benchmarks/learning_sweep.py --out "$out/sweep" --device "$DEVICE" \

@@ -17,6 +17,7 @@ a token far outside the vocabulary's range draws mud.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -35,7 +36,9 @@ from cns.evaluation.metrics import ClipScorer, ClipSettings, clip_i  # noqa: E40
 from cns.generate import image_grid  # noqa: E402
 from cns.library import ConceptLibrary, ConceptSpec, read_prompt_file  # noqa: E402
 from cns.world.concepts import get_concept, write_concept_folder  # noqa: E402
-from cns.world.demo import _CLASS_PROMPTS, CALIBRATION_FILE, DemoSettings, _images, concept_prompt  # noqa: E402
+from cns.world.demo import (  # noqa: E402
+    _CLASS_PROMPTS, CALIBRATION_FILE, DemoSettings, _images, _learn_config, concept_prompt,
+)
 from cns.world.evaluator import EVALUATOR_PATH  # noqa: E402
 from cns.world.pretrain import DEFAULT_MODEL_PATH  # noqa: E402
 
@@ -89,6 +92,7 @@ def main() -> None:
         concept = get_concept(name)
         folder = work / "concepts" / name
         class_dir = work / "class" / name
+        class_prompt = _CLASS_PROMPTS[concept.kind].format(word=concept.class_word)
         if name not in base:
             write_concept_folder(concept, folder, seed=demo.seed)
             library = ConceptLibrary.create(work / f"base-{name}", str(DEFAULT_MODEL_PATH),
@@ -97,7 +101,6 @@ def main() -> None:
             size = library.base_model["resolution"]
             references = scorer.image_embeddings(_images(folder, size))
             class_dir.mkdir(parents=True, exist_ok=True)
-            class_prompt = _CLASS_PROMPTS[concept.kind].format(word=concept.class_word)
             for i, image in enumerate(library.generate(class_prompt, n=demo.num_class_images, steps=demo.sample_steps,
                                                        guidance=demo.guidance, seed=demo.seed, pipe=pipe)):
                 image.save(class_dir / f"{i:02d}.png")
@@ -105,13 +108,11 @@ def main() -> None:
                                       steps=demo.sample_steps, guidance=demo.guidance, seed=demo.seed, pipe=pipe)
             base[name] = (references, clip_i(scorer.image_embeddings(before), references, metric))
         references, before_score = base[name]
-        config = LearnConfig(**{**dict(steps=demo.steps, batch_size=demo.batch_size, lr_neurons=demo.lr_neurons,
-                                       lr_embedding=demo.lr_embedding, num_class_images=demo.num_class_images,
-                                       seed=demo.seed, device=args.device), **setting})
+        config = dataclasses.replace(_learn_config(demo), device=args.device, **setting)  # the demo's, varied
         library = ConceptLibrary.create(Path(tempfile.mkdtemp(dir=work)) / "lib", str(DEFAULT_MODEL_PATH),
                                         calibration_prompts=read_prompt_file(CALIBRATION_FILE))
         spec = ConceptSpec(folder, concept.class_word, captions_file=folder / "captions.json", class_data_dir=class_dir,
-                           class_prompt=_CLASS_PROMPTS[concept.kind].format(word=concept.class_word))
+                           class_prompt=class_prompt)
         t = time.perf_counter()
         record = library.learn([spec], config, progress=False)[0]
         seconds = time.perf_counter() - t
