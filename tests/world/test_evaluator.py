@@ -95,3 +95,19 @@ def test_true_descriptions_score_higher_than_false_ones(scorer):
     own = sims.diagonal().mean()
     others = (sims.sum() - sims.diagonal().sum()) / (sims.numel() - len(scenes))
     assert own > others
+
+
+def test_at_resolution_shows_renders_as_the_generator_draws_them():
+    from cns.world.evaluator import at_resolution
+
+    flat = np.full((2, 64, 64, 3), (200, 40, 90), dtype=np.uint8)
+    assert np.abs(at_resolution(flat, 32).astype(int) - flat).max() <= 1  # plain colour survives
+    fine = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    fine[0, ::2] = 255  # 1 px stripes: finer than 32 px can hold
+    low = at_resolution(fine, 32)
+    assert low.shape == fine.shape and low.dtype == np.uint8
+    assert low.astype(float).std() < 0.2 * fine.astype(float).std()
+    coarse = np.zeros((1, 64, 64, 3), dtype=np.uint8)
+    coarse[0, :, :32] = 255  # a half-image edge stays
+    assert np.abs(at_resolution(coarse, 32).astype(int) - coarse).mean() < 8
+    assert at_resolution(fine, 64) is fine and at_resolution(fine[:0], 32).shape == (0, 64, 64, 3)

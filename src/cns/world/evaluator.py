@@ -538,6 +538,21 @@ def shift_images(images: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return out
 
 
+def at_resolution(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (N, 64, 64, 3) renders as a ``size`` px model sees and draws them, brought back to
+    64 px as the evaluator's processor does: Lanczos down (``pretrain.resize_images``, the
+    pretraining pool's resize), bicubic up (``CLIPImageProcessor``'s resample)."""
+    from PIL import Image
+
+    if len(images) == 0 or size == images.shape[1]:
+        return images
+    full = images.shape[1]
+    return np.stack([
+        np.asarray(Image.fromarray(im).resize((size, size), Image.LANCZOS).resize((full, full), Image.BICUBIC))
+        for im in images
+    ])
+
+
 def _features(output):
     return output if not hasattr(output, "pooler_output") else output.pooler_output
 
@@ -717,13 +732,16 @@ class _Monitor:
     """Zero-shot accuracy on a small fixed set of single-object scenes, printed during training
     (its own seed: these are not the renders `evaluate` reports)."""
 
-    def __init__(self, tokenizer, seed: int, n: int = 200):
+    def __init__(self, tokenizer, seed: int, n: int = 200, low_res_size: int = 32):
         import torch
 
         rng = np.random.default_rng([seed, 4])
         splits = ["train" if rng.random() < 0.5 else "heldout" for _ in range(n)]
         self.scenes = [sample_scene(rng, sp, n_objects=1) for sp in splits]
-        self.pixels = pixel_values(np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in self.scenes]))
+        renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in self.scenes])
+        self.pixels = pixel_values(renders)
+        self.low_res_size = low_res_size
+        self.low_pixels = pixel_values(at_resolution(renders, low_res_size))
         self.tokens = {}
         for attribute in ATTRIBUTE_LABELS:
             labels, prompts = attribute_prompts(attribute)
@@ -735,13 +753,15 @@ class _Monitor:
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            img = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=self.pixels)), dim=-1)
             parts = []
-            for attribute, (labels, tok) in self.tokens.items():
-                txt = _features(model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
-                pred = (img @ torch.nn.functional.normalize(txt, dim=-1).T).argmax(1).tolist()
-                acc = np.mean([labels[p] == scene_attribute(s, attribute) for p, s in zip(pred, self.scenes)])
-                parts.append(f"{attribute} {acc:.3f}")
+            for pixels, suffix in ((self.pixels, ""), (self.low_pixels, f" ({self.low_res_size} px)")):
+                img = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+                for attribute, (labels, tok) in self.tokens.items():
+                    txt = _features(model.get_text_features(input_ids=tok["input_ids"],
+                                                            attention_mask=tok["attention_mask"]))
+                    pred = (img @ torch.nn.functional.normalize(txt, dim=-1).T).argmax(1).tolist()
+                    acc = np.mean([labels[p] == scene_attribute(s, attribute) for p, s in zip(pred, self.scenes)])
+                    parts.append(f"{attribute}{suffix} {acc:.3f}")
         model.train(was_training)
         return ", ".join(parts)
 
@@ -782,9 +802,15 @@ def train(
     pool_versions: Sequence[int] = POOL_VERSIONS,
     head_set: str = "full",
     init_from: str | Path | None = None,
+    low_res_fraction: float = 0.0,
+    low_res_size: int = 32,
 ) -> Path:
     """Train the evaluator and save it to ``out``. Deterministic for a seed (batches and texts
-    of step k depend only on (seed, k)); resumes from ``<cache>/run_t<version>_seed<seed>_h<0|1>/``."""
+    of step k depend only on (seed, k)); resumes from ``<cache>/run_t<version>_seed<seed>_h<0|1>/``.
+
+    ``low_res_fraction`` of each batch is shown at ``low_res_size`` px (`at_resolution`): the
+    images a tiny-world model generates are 32 px, and an evaluator that only ever saw 64 px
+    renders reads their style poorly."""
     import torch
 
     from cns.world.checkpoints import load_checkpoint, read_checkpoint_info, save_checkpoint
@@ -809,6 +835,8 @@ def train(
             "attribute_weight": attribute_weight, "head_weight": head_weight, "pool_size": pool_size,
             "config": config.__dict__, "pool_versions": list(pool_versions), "head_set": head_set,
             "init_from": str(init_from) if init_from else None}
+    if low_res_fraction:  # (absent when off, so runs from before the option still resume)
+        meta.update(low_res_fraction=low_res_fraction, low_res_size=low_res_size)
     meta = json.loads(json.dumps(meta))  # as it reads back from the checkpoint's JSON
     info = read_checkpoint_info(run_dir, "checkpoint")
     resume = info is not None and info.get("meta") == meta and tokenizer_dir.exists()
@@ -848,7 +876,7 @@ def train(
     if start:
         print(f"resuming from step {start}")
     warmup = max(1, min(200, steps // 10))
-    monitor = _Monitor(tokenizer, seed) if eval_every else None
+    monitor = _Monitor(tokenizer, seed, low_res_size=low_res_size) if eval_every else None
     model.train()
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="training evaluator")
     started = time.time()
@@ -864,6 +892,9 @@ def train(
         batch_images = images[idx]
         if max_shift:
             batch_images = shift_images(batch_images, rng.integers(-max_shift, max_shift + 1, size=(len(idx), 2)))
+        if low_res_fraction:
+            low = rng.random(len(idx)) < low_res_fraction
+            batch_images[low] = at_resolution(batch_images[low], low_res_size)
         image_emb = _features(model.get_image_features(pixel_values=pixel_values(batch_images)))
         text_emb = _features(model.get_text_features(input_ids=tokens["input_ids"],
                                                      attention_mask=tokens["attention_mask"]))
@@ -1000,9 +1031,12 @@ def concept_report(scorer, n_images: int = 5, n_class: int = 10, seed: int = 0) 
     return rows
 
 
-def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 1000, threads: int = 1) -> dict:
-    """Print and return the attribute accuracies (train / held-out split) and concept CLIP-I table."""
+def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 1000, threads: int = 1,
+             low_res_size: int = 32) -> dict:
+    """Print and return the attribute accuracies (train / held-out split, at 64 px and at the
+    generator's ``low_res_size`` px) and concept CLIP-I table."""
     import torch
+    from PIL import Image
 
     from cns.evaluation.metrics import ClipScorer
 
@@ -1020,6 +1054,13 @@ def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 
         acc = attribute_report(scorer, eval_scenes(n, split, seed))
         result["attributes"][split] = acc
         ok &= all(v >= TARGET_ACCURACY for v in acc.values())
+        print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))
+    print(f"the same renders at the generator's {low_res_size} px (downsampled, then resized back by the processor):")
+    for split in ("train", "heldout"):
+        scenes = eval_scenes(n, split, seed)
+        images = at_resolution(np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in scenes]), low_res_size)
+        acc = attribute_report(scorer, scenes, [Image.fromarray(im) for im in images])
+        result["attributes"][f"{split}_{low_res_size}px"] = acc
         print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))
     cap = caption_report(scorer, seed=seed)
     result["captions"] = cap
@@ -1059,6 +1100,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--pool-versions", default=",".join(map(str, POOL_VERSIONS)),
                    help="comma-separated training pool versions (1: base recipes only; 2: also unnamed "
                         "style/background recipes and recolored creature parts)")
+    t.add_argument("--patch-size", type=int, default=EvaluatorConfig.patch_size,
+                   help="ViT patch size in pixels of the 64 px input (a new model only)")
+    t.add_argument("--low-res-fraction", type=float, default=0.0,
+                   help="share of each batch shown at --low-res-size px and back (the generator's resolution)")
+    t.add_argument("--low-res-size", type=int, default=32)
     t.add_argument("--heads", default="full", choices=sorted(HEAD_SETS), help="auxiliary head set")
     t.add_argument("--init-from", default=None,
                    help="start from this saved evaluator (weights and tokenizer) instead of from scratch")
@@ -1083,7 +1129,8 @@ def main(argv: list[str] | None = None) -> int:
         train(args.out, args.steps, args.seed, args.batch_size, args.lr, args.attribute_weight, args.head_weight,
               pool_size=args.pool_size, max_shift=args.max_shift,
               pool_versions=tuple(int(v) for v in args.pool_versions.split(",")), head_set=args.heads,
-              init_from=args.init_from,
+              init_from=args.init_from, config=EvaluatorConfig(patch_size=args.patch_size),
+              low_res_fraction=args.low_res_fraction, low_res_size=args.low_res_size,
               workers=args.workers, threads=args.threads, heldout=not args.no_heldout,
               cache_dir=args.cache_dir, progress=not args.no_progress,
               eval_every=args.eval_every, tokenizer_path=args.tokenizer)
