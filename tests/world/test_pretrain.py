@@ -75,3 +75,18 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert _lr(9, 100, 1.0, 10) == 1.0
     assert abs(_lr(100, 100, 1.0, 10) - 0.1) < 1e-9
     assert _lr(50, 100, 1.0, 10) < _lr(20, 100, 1.0, 10)
+
+
+def test_vae_round_trip_returns_images_of_the_input_shape_near_the_input():
+    import numpy as np
+
+    from cns.world.pretrain import vae_reconstruction_mse, vae_round_trip
+
+    torch.manual_seed(0)
+    vae, _, _, _ = build_components(TinyWorldConfig(), build_tokenizer())
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    out = vae_round_trip(vae, images, batch=2)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    # the same decode(mean(encode(x))) the MSE check measures, up to uint8 rounding
+    mse = float(((out.astype(np.float64) / 127.5 - 1) - (images / 127.5 - 1)).__pow__(2).mean())
+    assert abs(mse - vae_reconstruction_mse(vae, images)) < 0.01

@@ -28,7 +28,11 @@ def test_quality_samples_with_the_scheduler_asked_for_and_reports_every_attribut
     # the evaluator reads the true renders of the same prompts well: the instrument works
     assert report["reference_renders"]["background"] >= 2 / 3
     assert report["vae"]["concepts"] == 16
+    for ceiling in ("reference_at_model_size", "reference_through_vae"):
+        assert set(report[ceiling]) == {"shape", "color", "background", "style"}
+        assert report[ceiling]["background"] >= 2 / 3
 
     default = measure_quality(str(DEFAULT_MODEL_PATH), str(EVALUATOR_PATH), n=1, steps=2, two_objects=0,
                               vae=False)
-    assert default["scheduler"] == "DDIMScheduler" and "two_objects" not in default and "vae" not in default
+    assert default["scheduler"] == "DDIMScheduler" and "two_objects" not in default
+    assert "vae" not in default and "reference_through_vae" not in default

@@ -176,6 +176,16 @@ def vae_reconstruction_mse(vae, images: np.ndarray, batch: int = 64) -> float:
 
 
 @torch.no_grad()
+def vae_round_trip(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """uint8 images (n, h, w, 3) after decode(mean of encode(x)): the best a latent model can draw them."""
+    out = []
+    for start in range(0, len(images), batch):
+        x = vae.decode(vae.encode(_to_pixels(images[start:start + batch])).latent_dist.mean).sample
+        out.append(x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
 def encode_pool(vae, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     means, stds = [], []
     for start in range(0, len(images), batch):

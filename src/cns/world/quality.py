@@ -39,7 +39,8 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
 
     ``scheduler``: a diffusers scheduler class name (``DPMSolverMultistepScheduler``, ...) to
     sample with instead of the model's own, built from the model's scheduler config. ``vae``:
-    also run `vae_check` on the model's VAE."""
+    also run `vae_check` on the model's VAE and score the prompts' true renders at the model's
+    size and after a VAE round trip (``reference_through_vae``: the best the model can draw)."""
     import diffusers
     from diffusers import StableDiffusionPipeline
 
@@ -61,6 +62,17 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
               "single_object": attribute_report(scorer, single, single_images)}
     report["single_object"]["mean"] = float(np.mean(list(report["single_object"].values())))
     report["reference_renders"] = attribute_report(scorer, single)  # the evaluator on true renders
+    if vae:  # the same true renders at the model's size, and through its VAE: what the model could reach
+        from PIL import Image
+
+        from .pretrain import resize_images, vae_round_trip
+        from .render import render
+
+        size = pipe.vae_scale_factor * pipe.unet.config.sample_size
+        small = resize_images(np.stack([np.asarray(render(s, 64)) for s in single]), size)
+        report["reference_at_model_size"] = attribute_report(scorer, single, [Image.fromarray(im) for im in small])
+        report["reference_through_vae"] = attribute_report(
+            scorer, single, [Image.fromarray(im) for im in vae_round_trip(pipe.vae, small)])
 
     if two_objects:
         double = [sample_scene(rng, split, n_objects=2) for _ in range(two_objects)]
