@@ -544,13 +544,13 @@ def at_resolution(images: np.ndarray, size: int) -> np.ndarray:
     pretraining pool's resize), bicubic up (``CLIPImageProcessor``'s resample)."""
     from PIL import Image
 
+    from cns.world.pretrain import resize_images
+
     if len(images) == 0 or size == images.shape[1]:
         return images
     full = images.shape[1]
-    return np.stack([
-        np.asarray(Image.fromarray(im).resize((size, size), Image.LANCZOS).resize((full, full), Image.BICUBIC))
-        for im in images
-    ])
+    return np.stack([np.asarray(Image.fromarray(im).resize((full, full), Image.BICUBIC))
+                     for im in resize_images(images, size)])
 
 
 def _features(output):
@@ -753,13 +753,14 @@ class _Monitor:
         was_training = model.training
         model.eval()
         with torch.no_grad():
+            prompts = {attribute: torch.nn.functional.normalize(_features(model.get_text_features(
+                input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])), dim=-1)
+                for attribute, (_, tok) in self.tokens.items()}
             parts = []
             for pixels, suffix in ((self.pixels, ""), (self.low_pixels, f" ({self.low_res_size} px)")):
                 img = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
-                for attribute, (labels, tok) in self.tokens.items():
-                    txt = _features(model.get_text_features(input_ids=tok["input_ids"],
-                                                            attention_mask=tok["attention_mask"]))
-                    pred = (img @ torch.nn.functional.normalize(txt, dim=-1).T).argmax(1).tolist()
+                for attribute, (labels, _) in self.tokens.items():
+                    pred = (img @ prompts[attribute].T).argmax(1).tolist()
                     acc = np.mean([labels[p] == scene_attribute(s, attribute) for p, s in zip(pred, self.scenes)])
                     parts.append(f"{attribute}{suffix} {acc:.3f}")
         model.train(was_training)
@@ -1050,16 +1051,18 @@ def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 
           f"(target >= {TARGET_ACCURACY:.0%})")
     print(f"{'split':<9}" + "".join(f"{a:>12}" for a in ATTRIBUTE_LABELS))
     ok = True
+    low_res = {}
     for split in ("train", "heldout"):
-        acc = attribute_report(scorer, eval_scenes(n, split, seed))
+        scenes = eval_scenes(n, split, seed)
+        renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in scenes])
+        acc = attribute_report(scorer, scenes, [Image.fromarray(im) for im in renders])
         result["attributes"][split] = acc
         ok &= all(v >= TARGET_ACCURACY for v in acc.values())
         print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))
+        low_res[split] = attribute_report(scorer, scenes,
+                                          [Image.fromarray(im) for im in at_resolution(renders, low_res_size)])
     print(f"the same renders at the generator's {low_res_size} px (downsampled, then resized back by the processor):")
-    for split in ("train", "heldout"):
-        scenes = eval_scenes(n, split, seed)
-        images = at_resolution(np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in scenes]), low_res_size)
-        acc = attribute_report(scorer, scenes, [Image.fromarray(im) for im in images])
+    for split, acc in low_res.items():
         result["attributes"][f"{split}_{low_res_size}px"] = acc
         print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))
     cap = caption_report(scorer, seed=seed)

@@ -45,8 +45,10 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
     from diffusers import StableDiffusionPipeline
 
     from ..evaluation.metrics import ClipScorer, cosine_matrix
-    from .evaluator import attribute_prompts, attribute_report
-    from .render import caption, sample_scene
+    from PIL import Image
+
+    from .evaluator import IMAGE_SIZE, attribute_prompts, attribute_report
+    from .render import caption, render, sample_scene
 
     pipe = StableDiffusionPipeline.from_pretrained(model)
     if scheduler:
@@ -61,15 +63,14 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
               "scheduler": type(pipe.scheduler).__name__,
               "single_object": attribute_report(scorer, single, single_images)}
     report["single_object"]["mean"] = float(np.mean(list(report["single_object"].values())))
-    report["reference_renders"] = attribute_report(scorer, single)  # the evaluator on true renders
+    renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in single])
+    report["reference_renders"] = attribute_report(  # the evaluator on true renders
+        scorer, single, [Image.fromarray(im) for im in renders])
     if vae:  # the same true renders at the model's size, and through its VAE: what the model could reach
-        from PIL import Image
-
         from .pretrain import resize_images, vae_round_trip
-        from .render import render
 
         size = pipe.vae_scale_factor * pipe.unet.config.sample_size
-        small = resize_images(np.stack([np.asarray(render(s, 64)) for s in single]), size)
+        small = resize_images(renders, size)
         report["reference_at_model_size"] = attribute_report(scorer, single, [Image.fromarray(im) for im in small])
         report["reference_through_vae"] = attribute_report(
             scorer, single, [Image.fromarray(im) for im in vae_round_trip(pipe.vae, small)])
