@@ -4,9 +4,10 @@
 
     python -m cns.world.pretrain --work world-pretrain --out src/cns/world/weights/tiny-world
 
-Two stages, both resumable from the work folder (checkpoints every ``--checkpoint-every``
-steps, safetensors + JSON only): the VAE on rendered scenes, then the UNet and the text
-encoder together on the VAE's latents, with classifier-free-guidance caption dropout and
+Three stages, all resumable from the work folder (checkpoints every ``--checkpoint-every``
+steps, safetensors + JSON only): the VAE on rendered scenes; its decoder alone, with the
+encoder (the latent space) frozen from here on; then the UNet and the text encoder together
+on the VAE's latents, with classifier-free-guidance caption dropout and
 captions whose attributes are left out at random (:func:`cns.world.dataset.training_caption`).
 Every random draw comes from a generator seeded by (seed, stage, step), so a resumed run
 draws what an uninterrupted one would.
@@ -53,6 +54,8 @@ class TinyWorldConfig:
     vae_crop: int = 0  # > 0: train the (fully convolutional) VAE on random crops of this size
     vae_lr: float = 1.5e-3
     kl_weight: float = 1e-6
+    decoder_steps: int = 2000  # decoder alone, encoder frozen: measured 0.812 -> 0.843 attribute ceiling
+    decoder_lr: float = 1e-3
     unet_steps: int = 3000
     unet_batch: int = 32
     unet_lr: float = 5e-4
@@ -162,6 +165,46 @@ def train_vae(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, prog
         if (step + 1) % config.extra.get("checkpoint_every", 250) == 0 or step + 1 == config.vae_steps:
             save_checkpoint(work, "vae", {"vae": vae}, optimizer, step + 1, {"mse": sum(recent) / len(recent)})
     vae.eval()
+    return {"mse_last50": sum(recent) / len(recent) if recent else None}
+
+
+def finetune_decoder(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, progress=True) -> dict:
+    """Train the VAE's decoder (and ``post_quant_conv``) alone, the encoder frozen.
+
+    The latent space stays what it is, so a UNet trained on it stays valid; only how latents are
+    drawn improves (as Stable Diffusion's ``ft-MSE`` VAE fine-tuned its decoder). Same loss as
+    `train_vae` without the KL term, which does not involve the decoder."""
+    from tqdm.auto import tqdm
+
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=config.decoder_lr)
+    start = load_checkpoint(work, "decoder", {"vae": vae}, optimizer)
+    vae.eval()  # no dropout or batch statistics in this VAE; eval keeps the encoder's behaviour fixed
+    bar = tqdm(range(start, config.decoder_steps), initial=start, total=config.decoder_steps, desc="VAE decoder",
+               disable=not progress, dynamic_ncols=True)
+    recent = []
+    for step in bar:
+        g = _generator(config.seed, 3, step)
+        batch = _to_pixels(images[torch.randint(len(images), (config.vae_batch,), generator=g).numpy()])
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, config.decoder_steps, config.decoder_lr, config.warmup)
+        with torch.no_grad():
+            posterior = vae.encode(batch).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        recon = vae.decode(z).sample
+        mse = F.mse_loss(recon, batch)
+        loss = mse + F.l1_loss(recon, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        recent = (recent + [mse.item()])[-50:]
+        bar.set_postfix(mse=f"{sum(recent) / len(recent):.4f}")
+        if (step + 1) % config.extra.get("checkpoint_every", 250) == 0 or step + 1 == config.decoder_steps:
+            save_checkpoint(work, "decoder", {"vae": vae}, optimizer, step + 1, {"mse": sum(recent) / len(recent)})
+    vae.requires_grad_(False)
     return {"mse_last50": sum(recent) / len(recent) if recent else None}
 
 
@@ -285,6 +328,9 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     t = time.perf_counter()
     vae_report = train_vae(vae, images, config, work, progress)
     times["vae_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    decoder_report = finetune_decoder(vae, images, config, work, progress)
+    times["decoder_s"] = time.perf_counter() - t
     vae.requires_grad_(False)
 
     t = time.perf_counter()
@@ -317,6 +363,7 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
         "parameters": sizes,
         "scaling_factor": scaling,
         "vae": vae_report,
+        "decoder": decoder_report,
         "unet": unet_report,
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "torch_threads": torch.get_num_threads(),

@@ -106,18 +106,20 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
 def vae_check(vae, seed: int = 0, n: int = 200) -> dict:
     """Reconstruction error (MSE, pixels in [-1, 1]) of pretraining-like renders and of each
     personal concept's images: a concept must be a new combination of seen parts, within twice
-    the error of the world it was drawn from."""
+    the error of the world it was drawn from. Images are shown at the VAE's own size (the
+    model's, 32 px for the tiny world), downsampled as the pretraining pool is."""
     from .concepts import CONCEPTS, make_concept_images
-    from .pretrain import vae_reconstruction_mse
+    from .pretrain import resize_images, vae_reconstruction_mse
     from .render import render, sample_scene
 
+    size = vae.config.sample_size
     rng = np.random.default_rng([seed, 11])
-    world = np.stack([np.asarray(render(sample_scene(rng, "train"), 64)) for _ in range(n)])
+    world = resize_images(np.stack([np.asarray(render(sample_scene(rng, "train"), 64)) for _ in range(n)]), size)
     base = vae_reconstruction_mse(vae, world)
     concepts = {}
     for concept in CONCEPTS:
         images = np.stack([np.asarray(im) for im, _ in make_concept_images(concept, seed=seed)])
-        concepts[concept.name] = round(vae_reconstruction_mse(vae, images) / base, 3)
+        concepts[concept.name] = round(vae_reconstruction_mse(vae, resize_images(images, size)) / base, 3)
     return {"world_mse": round(base, 5), "concept_mse_ratio": concepts,
             "within_2x": sum(r <= 2 for r in concepts.values()), "concepts": len(concepts)}
 
