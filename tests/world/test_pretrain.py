@@ -114,3 +114,28 @@ def test_decoder_stage_keeps_the_latent_space_and_lowers_reconstruction_error(tm
     assert vae_reconstruction_mse(vae, images) < 0.85 * error_before  # measured: 0.74x after 30 steps
     assert report["mse_last50"] is not None and not any(p.requires_grad for p in vae.parameters())
     assert (tmp_path / "decoder.json").exists()  # the last step is checkpointed: a rerun resumes at the end
+
+
+def test_default_settings_build_the_shipped_architecture():
+    """`cns world pretrain` with no flags must compute the shipped model: same layout, same sizes."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from cns.world.pretrain import DEFAULT_MODEL_PATH
+
+    vae, text_encoder, unet, _ = build_components(TinyWorldConfig(), build_tokenizer())
+    for name, module in (("vae", vae), ("text_encoder", text_encoder), ("unet", unet)):
+        shipped = json.loads((DEFAULT_MODEL_PATH / name / "config.json").read_text())
+        built = json.loads(json.dumps(dict(module.config) if name != "text_encoder" else module.config.to_dict()))
+        architecture = ("block_out_channels", "latent_channels", "layers_per_block", "cross_attention_dim",
+                        "attention_head_dim", "sample_size", "hidden_size", "num_hidden_layers",
+                        "num_attention_heads", "intermediate_size", "vocab_size", "max_position_embeddings")
+        keys = [k for k in architecture if k in shipped]
+        assert len(keys) >= 4, name
+        assert {k: built[k] for k in keys} == {k: shipped[k] for k in keys}, name
+        weights = next((DEFAULT_MODEL_PATH / name).glob("*.safetensors"))
+        stored = load_file(weights)
+        assert {k: tuple(v.shape) for k, v in stored.items()} == {k: tuple(v.shape) for k, v in module.state_dict().items()
+                                                                 if k in stored}, name
+        assert sum(v.numel() for v in stored.values()) == sum(p.numel() for p in module.parameters()), name

@@ -54,11 +54,11 @@ class TinyWorldConfig:
     vae_crop: int = 0  # > 0: train the (fully convolutional) VAE on random crops of this size
     vae_lr: float = 1.5e-3
     kl_weight: float = 1e-6
-    decoder_steps: int = 2000  # decoder alone, encoder frozen: measured 0.812 -> 0.843 attribute ceiling
+    decoder_steps: int = 2000  # decoder alone, encoder frozen: attribute ceiling 0.812 -> 0.848 (docs/world/quality.md)
     decoder_lr: float = 1e-3
-    unet_steps: int = 3000
+    unet_steps: int = 6000  # the shipped run (3,000 at lr 5e-4 drew shapes too rarely: docs/world/pretraining.md)
     unet_batch: int = 32
-    unet_lr: float = 5e-4
+    unet_lr: float = 7e-4
     caption_dropout: float = 0.1  # empty caption: classifier-free guidance
     attribute_drop: float = 0.15
     ema_decay: float = 0.999
