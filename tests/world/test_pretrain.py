@@ -139,3 +139,17 @@ def test_default_settings_build_the_shipped_architecture():
         assert {k: tuple(v.shape) for k, v in stored.items()} == {k: tuple(v.shape) for k, v in module.state_dict().items()
                                                                  if k in stored}, name
         assert sum(v.numel() for v in stored.values()) == sum(p.numel() for p in module.parameters()), name
+
+
+def test_min_snr_weights_cap_the_low_noise_steps_only():
+    from diffusers import DDPMScheduler
+
+    from cns.world.pretrain import min_snr_weights
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    t = torch.tensor([0, 100, 500, 999])
+    assert torch.equal(min_snr_weights(scheduler, t, 0.0), torch.ones(4))  # off: the shipped plain MSE
+    w = min_snr_weights(scheduler, t, 5.0)
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    assert torch.allclose(w, torch.where(snr > 5, 5 / snr, torch.ones(4)))
+    assert w[0] < 0.01 and w[-1] == 1.0 and torch.all(w[:-1] <= w[1:])  # nearly clean steps weigh least

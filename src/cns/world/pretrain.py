@@ -59,6 +59,7 @@ class TinyWorldConfig:
     unet_steps: int = 6000  # the shipped run (3,000 at lr 5e-4 drew shapes too rarely: docs/world/pretraining.md)
     unet_batch: int = 32
     unet_lr: float = 7e-4
+    snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); 0 = plain MSE, as shipped
     caption_dropout: float = 0.1  # empty caption: classifier-free guidance
     attribute_drop: float = 0.15
     ema_decay: float = 0.999
@@ -238,6 +239,17 @@ def encode_pool(vae, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor
     return torch.cat(means), torch.cat(stds)
 
 
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights min(SNR(t), gamma) / SNR(t) for an epsilon-predicting model
+    (Min-SNR-gamma, Hang et al. 2023, Eq. 9); all ones when ``gamma`` is 0."""
+    if not gamma:
+        return torch.ones(timesteps.shape)
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    return torch.clamp(snr, max=gamma) / snr
+
+
 def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config: TinyWorldConfig, work: Path,
                progress=True) -> dict:
     from diffusers import DDPMScheduler
@@ -280,7 +292,11 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, config.unet_steps, config.unet_lr, config.warmup)
         prediction = unet(noise_scheduler.add_noise(x, noise, t), t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(prediction, noise)
+        if config.snr_gamma:
+            loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+                    * min_snr_weights(noise_scheduler, t, config.snr_gamma)).mean()
+        else:  # the shipped run's loss, computed exactly as it was
+            loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
