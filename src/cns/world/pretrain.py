@@ -136,77 +136,68 @@ def _to_pixels(images: np.ndarray) -> torch.Tensor:
 # ------------------------------------------------------------------ stages
 
 
-def train_vae(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, progress=True) -> dict:
+def _train_reconstruction(vae, params, images: np.ndarray, config: TinyWorldConfig, work: Path, *, name: str,
+                          stage: int, steps: int, lr: float, encoder_frozen: bool, progress: bool) -> dict:
+    """The VAE's reconstruction loop (MSE + L1, checkpointed as ``name``), shared by `train_vae`
+    and `finetune_decoder`. With ``encoder_frozen`` the encoder runs without gradients and the
+    KL term, which only the encoder feels, is left out; otherwise random crops (``vae_crop``)
+    and the KL term apply."""
     from tqdm.auto import tqdm
 
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
-    start = load_checkpoint(work, "vae", {"vae": vae}, optimizer)
-    vae.train()
-    bar = tqdm(range(start, config.vae_steps), initial=start, total=config.vae_steps, desc="VAE",
+    optimizer = torch.optim.Adam(params, lr=lr)
+    start = load_checkpoint(work, name, {"vae": vae}, optimizer)
+    vae.eval() if encoder_frozen else vae.train()  # no dropout or batch statistics: the mode is a label only
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="VAE decoder" if encoder_frozen else "VAE",
                disable=not progress, dynamic_ncols=True)
     recent = []
     for step in bar:
-        g = _generator(config.seed, 1, step)
+        g = _generator(config.seed, stage, step)
         batch = _to_pixels(images[torch.randint(len(images), (config.vae_batch,), generator=g).numpy()])
-        if config.vae_crop and config.vae_crop < batch.shape[-1]:
+        if not encoder_frozen and config.vae_crop and config.vae_crop < batch.shape[-1]:
             top, left = torch.randint(batch.shape[-1] - config.vae_crop + 1, (2,), generator=g).tolist()
             batch = batch[..., top:top + config.vae_crop, left:left + config.vae_crop]
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, config.vae_steps, config.vae_lr, config.warmup)
-        posterior = vae.encode(batch).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
-        recon = vae.decode(z).sample
-        mse = F.mse_loss(recon, batch)
-        loss = mse + F.l1_loss(recon, batch) + config.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        recent = (recent + [float(mse)])[-50:]
-        bar.set_postfix(mse=f"{sum(recent) / len(recent):.4f}")
-        if (step + 1) % config.extra.get("checkpoint_every", 250) == 0 or step + 1 == config.vae_steps:
-            save_checkpoint(work, "vae", {"vae": vae}, optimizer, step + 1, {"mse": sum(recent) / len(recent)})
-    vae.eval()
-    return {"mse_last50": sum(recent) / len(recent) if recent else None}
-
-
-def finetune_decoder(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, progress=True) -> dict:
-    """Train the VAE's decoder (and ``post_quant_conv``) alone, the encoder frozen.
-
-    The latent space stays what it is, so a UNet trained on it stays valid; only how latents are
-    drawn improves (as Stable Diffusion's ``ft-MSE`` VAE fine-tuned its decoder). Same loss as
-    `train_vae` without the KL term, which does not involve the decoder."""
-    from tqdm.auto import tqdm
-
-    vae.requires_grad_(False)
-    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=config.decoder_lr)
-    start = load_checkpoint(work, "decoder", {"vae": vae}, optimizer)
-    vae.eval()  # no dropout or batch statistics in this VAE; eval keeps the encoder's behaviour fixed
-    bar = tqdm(range(start, config.decoder_steps), initial=start, total=config.decoder_steps, desc="VAE decoder",
-               disable=not progress, dynamic_ncols=True)
-    recent = []
-    for step in bar:
-        g = _generator(config.seed, 3, step)
-        batch = _to_pixels(images[torch.randint(len(images), (config.vae_batch,), generator=g).numpy()])
-        for group in optimizer.param_groups:
-            group["lr"] = _lr(step, config.decoder_steps, config.decoder_lr, config.warmup)
-        with torch.no_grad():
+            group["lr"] = _lr(step, steps, lr, config.warmup)
+        with torch.set_grad_enabled(not encoder_frozen):
             posterior = vae.encode(batch).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
         recon = vae.decode(z).sample
         mse = F.mse_loss(recon, batch)
         loss = mse + F.l1_loss(recon, batch)
+        if not encoder_frozen:
+            loss = loss + config.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         recent = (recent + [mse.item()])[-50:]
         bar.set_postfix(mse=f"{sum(recent) / len(recent):.4f}")
-        if (step + 1) % config.extra.get("checkpoint_every", 250) == 0 or step + 1 == config.decoder_steps:
-            save_checkpoint(work, "decoder", {"vae": vae}, optimizer, step + 1, {"mse": sum(recent) / len(recent)})
-    vae.requires_grad_(False)
+        if (step + 1) % config.extra.get("checkpoint_every", 250) == 0 or step + 1 == steps:
+            save_checkpoint(work, name, {"vae": vae}, optimizer, step + 1, {"mse": sum(recent) / len(recent)})
+    vae.eval()
     return {"mse_last50": sum(recent) / len(recent) if recent else None}
+
+
+def train_vae(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, progress=True) -> dict:
+    """Stage 1: the whole VAE, MSE + L1 + a small KL term."""
+    return _train_reconstruction(vae, vae.parameters(), images, config, work, name="vae", stage=1,
+                                 steps=config.vae_steps, lr=config.vae_lr, encoder_frozen=False, progress=progress)
+
+
+def finetune_decoder(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, progress=True) -> dict:
+    """Stage 2: the VAE's decoder (and ``post_quant_conv``) alone, the encoder frozen.
+
+    The latent space stays what it is, so a UNet trained on it stays valid; only how latents are
+    drawn improves (as Stable Diffusion's ``ft-MSE`` VAE fine-tuned its decoder). Same loss as
+    `train_vae` without the KL term, which does not involve the decoder."""
+    vae.requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    report = _train_reconstruction(vae, params, images, config, work, name="decoder", stage=3,
+                                   steps=config.decoder_steps, lr=config.decoder_lr, encoder_frozen=True,
+                                   progress=progress)
+    vae.requires_grad_(False)
+    return report
 
 
 @torch.no_grad()
@@ -346,8 +337,7 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     times["vae_s"] = time.perf_counter() - t
     t = time.perf_counter()
     decoder_report = finetune_decoder(vae, images, config, work, progress)
-    times["decoder_s"] = time.perf_counter() - t
-    vae.requires_grad_(False)
+    times["decoder_s"] = time.perf_counter() - t  # the VAE leaves this stage frozen
 
     t = time.perf_counter()
     latents_path = work / "latents.safetensors"
