@@ -4,8 +4,9 @@ import torch
 from torch import nn
 
 from cns.world.checkpoints import load_checkpoint, read_checkpoint_info, save_checkpoint
-from cns.world.pretrain import TinyWorldConfig, _lr, build_components, build_tokenizer
+from cns.world.pretrain import DEFAULT_MODEL_PATH, TinyWorldConfig, _lr, build_components, build_tokenizer
 from cns.world.render import vocabulary_words
+from cns.world.tokenizer import build_clip_tokenizer, train_bpe
 
 
 def test_every_world_word_is_one_token():
@@ -14,6 +15,32 @@ def test_every_world_word_is_one_token():
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1, word
     ids = tokenizer("a big red star on the left, on a striped background, outline style").input_ids
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 17  # 13 words, 2 commas
+
+
+def test_bpe_merges_break_ties_by_string_order_whatever_the_word_order():
+    words = ["star", "stripe", "ring", "rings", "tar"]
+    merges = train_bpe(words)
+    assert train_bpe(list(reversed(words))) == merges
+    assert merges[0] == ("r", "i")  # 3 times: stripe, ring, rings
+    assert merges[1] == ("a", "r</w>")  # the smallest of the pairs seen twice
+    tokenizer = build_clip_tokenizer(list(reversed(words)))
+    assert tokenizer.get_vocab() == build_clip_tokenizer(words).get_vocab()
+    for word in words:
+        assert tokenizer.tokenize(word) == [word + "</w>"]
+
+
+def test_the_shipped_tokenizer_is_the_one_pretraining_builds():
+    """Ids must not depend on the run: the shipped text encoder reads them (the BPE library's
+    hash-ordered ties once gave every build different ids)."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    shipped = CLIPTokenizer.from_pretrained(DEFAULT_MODEL_PATH / "tokenizer")
+    built = build_tokenizer(shipped.model_max_length)
+    assert built.get_vocab() == shipped.get_vocab()
+    merges = [json.loads(t.backend_tokenizer.to_str())["model"]["merges"] for t in (built, shipped)]
+    assert merges[0] == merges[1]
 
 
 def test_components_are_a_stable_diffusion_layout():

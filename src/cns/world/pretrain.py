@@ -56,7 +56,7 @@ class TinyWorldConfig:
     kl_weight: float = 1e-6
     decoder_steps: int = 2000  # decoder alone, encoder frozen: attribute ceiling 0.812 -> 0.848 (docs/world/quality.md)
     decoder_lr: float = 1e-3
-    unet_steps: int = 6000  # the shipped run (3,000 at lr 5e-4 drew shapes too rarely: docs/world/pretraining.md)
+    unet_steps: int = 9000  # the shipped run (3,000 at lr 5e-4 drew shapes too rarely, 6,000 reached 0.760: docs/world/pretraining.md)
     unet_batch: int = 32
     unet_lr: float = 7e-4
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); 0 = plain MSE, as shipped
