@@ -314,7 +314,9 @@ def test_generate_with_nothing_to_do(capsys, lib, tmp_path, args, keywords):
     (["--resolution", "0"], ["resolution", "got 0"]),
     (["--resolution", "-16"], ["resolution", "got -16"]),
     (["--checkpoint-every", "-1"], ["checkpoint every", "got -1"]),
-], ids=["steps", "batch-size", "select-ratio", "resolution-0", "resolution-negative", "checkpoint-every"])
+    (["--lambda-keep", "-2"], ["lambda keep", "got -2"]),
+], ids=["steps", "batch-size", "select-ratio", "resolution-0", "resolution-negative", "checkpoint-every",
+        "lambda-keep"])
 def test_learn_with_bad_settings(capsys, lib, concept_folders, args, keywords):
     assert_refused(capsys, ["learn", lib, "--images", concept_folders[1], "--class-word", "cat", "--quiet", *args],
                    keywords, lib)

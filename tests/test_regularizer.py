@@ -45,3 +45,44 @@ def test_norm_stacks_all_layers():
     ones = [torch.ones(1, dtype=torch.bool)] * 2
     loss = neuron_regularizer([a, b], zeros, zeros, ones, lambda_previous=1.0, lambda_pretrained=0.0)
     assert loss.item() == 5.0  # ||(3, 4)||, not 3 + 4
+
+
+# --- L_keep (beyond the paper): K/V output drift on earlier concepts' token states ---
+
+from cns.regularizer import anchor_basis, earlier_output_drift, output_energy  # noqa: E402
+
+
+def test_anchor_basis_gives_the_mean_squared_output_change_over_the_anchors():
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 40):  # fewer and more anchors than the width
+        anchors = torch.randn(n, 8, generator=g)
+        delta = torch.randn(5, 8, generator=g)
+        basis = anchor_basis(anchors)
+        assert basis.shape[0] == min(n, 8)
+        expected = (delta @ anchors.T).pow(2).sum() / n
+        assert torch.allclose(output_energy(delta, basis), expected, rtol=1e-4)
+
+
+def test_drift_is_zero_for_updates_orthogonal_to_every_anchor_and_relative_otherwise():
+    anchors = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])  # span: the first axis
+    weight = torch.tensor([[1.0, 5.0, 0.0], [3.0, 0.0, 7.0]])
+    basis = anchor_basis(anchors)
+    energy = output_energy(weight, basis)
+    orthogonal = torch.tensor([[0.0, 9.0, -4.0], [0.0, 1.0, 2.0]])
+    assert earlier_output_drift([orthogonal], basis, [energy]).item() == 0.0
+    # doubling the weight doubles every anchor's output: relative squared change 1
+    assert torch.isclose(earlier_output_drift([weight], basis, [energy]), torch.tensor(1.0))
+    # the mean over layers
+    drift = earlier_output_drift([weight, orthogonal], basis, [energy, energy])
+    assert torch.isclose(drift, torch.tensor(0.5))
+
+
+def test_descending_the_drift_only_moves_the_update_inside_the_anchor_span():
+    anchors = torch.tensor([[1.0, 1.0, 0.0]])
+    basis = anchor_basis(anchors)
+    delta = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+    earlier_output_drift([delta], basis, [torch.tensor(1.0)]).backward()
+    grad = delta.grad[0]
+    assert grad[2] == 0.0  # the third input never reaches an anchor's output
+    assert torch.isclose(grad[0], grad[1])  # along the anchor direction (1, 1, 0)
+    assert grad[0] > 0

@@ -26,6 +26,7 @@ class LearnConfig:
     lambda_previous: float = 1.0  # (choice) l1 of Eq. 7
     lambda_pretrained: float = 0.1  # (choice) l2 of Eq. 7
     regularize: bool = True  # L_reg on (ablation: False)
+    lambda_keep: float = 0.0  # (beyond the paper) weight of L_keep: K/V outputs of earlier concepts' prompts; 0: off
     train_embedding: bool = True
     prior_loss_weight: float = 1.0  # lambda of Eq. 8, as Custom Diffusion / DreamBooth
     num_class_images: int = 100  # (choice) Custom Diffusion uses 200
@@ -63,6 +64,8 @@ class LearnConfig:
             raise CNSError(f"neurons must be concept, random or all, got {self.neurons!r}")
         if self.steps < 0 or self.batch_size < 1:
             raise CNSError("steps must be >= 0 and batch size >= 1")
+        if self.lambda_keep < 0:
+            raise CNSError(f"lambda keep must be >= 0 (0: off), got {self.lambda_keep}")
         if self.checkpoint_every < 0:
             raise CNSError(f"checkpoint every must be >= 0 steps (0: no checkpoints), got {self.checkpoint_every}")
         if self.resolution is not None and self.resolution < 1:

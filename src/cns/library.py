@@ -42,7 +42,7 @@ from .captions import Captioner, captions_for_images, insert_token
 from .config import LearnConfig, resolve_device
 from .errors import CNSError
 from .images import image_tensor, load_image_folder
-from .model import cross_attention_kv_layers, encode_prompts, kv_fingerprint, layer_shapes
+from .model import cross_attention_kv_layers, encode_prompts, encode_token_states, kv_fingerprint, layer_shapes
 from .neurons import density, or_masks, random_mask_like, regularization_mask
 from .selection import select_concept_neurons
 from .sparse import pack_mask, unpack_mask
@@ -553,6 +553,11 @@ class ConceptLibrary:
         earlier_union = {n: or_masks((m[n] for m in earlier), like=union[n]) for n in union}
         reg_masks = {n: regularization_mask(union[n], [earlier_union[n]]) for n in union}
 
+        keep_states = None
+        if config.lambda_keep > 0 and self.concepts:
+            keep_states = encode_token_states(pipe.tokenizer, pipe.text_encoder, [
+                (c["token"], q) for c in self.concepts for q in c.get("instance_prompts", [])])
+
         key = self._learn_key(prepared, ids, instance, prior, union, config)
         checkpoint = self.path / f"{CHECKPOINT_PREFIX}{key[:16]}"
         for stale in self.path.glob(f"{CHECKPOINT_PREFIX}*"):
@@ -565,6 +570,7 @@ class ConceptLibrary:
         result = train_task(
             pipe, union, ids, instance, prior, config, reg_masks=reg_masks, pretrained=pretrained, progress=progress,
             resume=resume, on_checkpoint=lambda state: _save_checkpoint(checkpoint, key, state),
+            keep_states=keep_states,
         )
         records = [self._concept_record(p, config) for p in prepared]
         self._commit_task(records, prepared, union, result, config)

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["cross_attention_kv_layers", "encode_prompts", "kv_fingerprint", "layer_shapes"]
+__all__ = ["cross_attention_kv_layers", "encode_prompts", "encode_token_states", "kv_fingerprint", "layer_shapes"]
 
 
 def cross_attention_kv_layers(unet: nn.Module) -> dict[str, nn.Linear]:
@@ -58,6 +58,24 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], drop_padding
         return list(hidden)
     lengths = ids.attention_mask.sum(dim=1)
     return [h[: int(n)] for h, n in zip(hidden, lengths)]
+
+
+def encode_token_states(tokenizer, text_encoder, token_prompts: Sequence[tuple[str, str]]) -> torch.Tensor:
+    """``(N, width)`` text-encoder outputs at the positions of each pair's token in its prompt
+    (every occurrence; prompts tokenized as the pipeline does): what an added token's keys and
+    values are made from. Pairs whose prompt lacks the token add nothing."""
+    width = text_encoder.get_input_embeddings().weight.shape[1]
+    if not token_prompts:
+        return torch.zeros(0, width)
+    tokens, prompts = zip(*token_prompts)
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(tokens))).unsqueeze(1)
+    device = next(text_encoder.parameters()).device
+    with torch.no_grad():
+        hidden = text_encoder(ids.to(device))[0].float().cpu()
+    return hidden[ids == token_ids]
 
 
 def kv_fingerprint(unet: nn.Module, token_embedding: torch.Tensor, vocab_size: int) -> str:

@@ -6,6 +6,11 @@ The norm is the l2 norm of all layers' masked differences stacked into one vecto
 equation writes it for the whole model. The first term keeps neurons that earlier concepts
 tuned where those concepts left them (no forgetting); the second keeps them near the
 pretrained weights (zero-shot ability).
+
+Eq. 7 only reaches the elements this task shares with earlier ones. The elements only this
+task trains still move every token's keys and values, an earlier concept's too (a K/V row
+acts on all tokens). :func:`earlier_output_drift` is an optional term beyond the paper that
+closes that route: the relative change of the K/V outputs for earlier concepts' prompts.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["neuron_regularizer"]
+__all__ = ["neuron_regularizer", "anchor_basis", "output_energy", "earlier_output_drift"]
 
 
 def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -53,3 +58,40 @@ def neuron_regularizer(
     return lambda_previous * torch.linalg.vector_norm(to_previous) + lambda_pretrained * (
         torch.linalg.vector_norm(to_pretrained)
     )
+
+
+def anchor_basis(states: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
+    """A ``(r, width)`` matrix R with ``R^T R = A^T A / N`` for the ``(N, width)`` text states A
+    (r <= min(N, width)): ``||dW R^T||_F^2`` is then the mean squared change ``dW a`` over the
+    rows a of A, at a cost that does not grow with N."""
+    states = states.reshape(-1, states.shape[-1]).double()
+    gram = states.T @ states / max(1, states.shape[0])
+    eigenvalues, vectors = torch.linalg.eigh(gram)
+    keep = eigenvalues > rtol * eigenvalues.max().clamp_min(1e-30)
+    return (vectors[:, keep] * eigenvalues[keep].sqrt()).T.float()
+
+
+def output_energy(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``||W R^T||_F^2``: the mean squared K/V output of a layer over the anchor states."""
+    return (weight.float() @ basis.T).pow(2).sum()
+
+
+def earlier_output_drift(
+    deltas: Sequence[torch.Tensor],
+    basis: torch.Tensor,
+    energies: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """L_keep (beyond the paper): the mean over layers of ``||dW_l R^T||^2 / ||W_l R^T||^2``.
+
+    ``deltas``: per layer, ``W_m - W_{m-1}`` (full weights); ``basis``: :func:`anchor_basis` of
+    the text states of earlier concepts' prompts (the K/V inputs of every cross-attention
+    layer); ``energies``: :func:`output_energy` of ``W_{m-1}`` per layer. The value is the
+    squared relative change of what those prompts' keys and values are, 0 when the updates are
+    orthogonal to every anchor state.
+    """
+    if len(deltas) != len(energies):
+        raise ValueError("deltas and energies need one tensor per layer each")
+    if not deltas:
+        return basis.new_zeros(())
+    terms = [output_energy(d, basis) / e.clamp_min(1e-12) for d, e in zip(deltas, energies)]
+    return torch.stack(terms).mean()

@@ -72,6 +72,9 @@ class DenseLinearUpdate(nn.Module):
     def delta(self) -> nn.Parameter:
         return self.base.weight
 
+    def effective_weight(self) -> torch.Tensor:
+        return self.base.weight
+
     def current_values(self) -> torch.Tensor:
         return self.base.weight.flatten()
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import LearnConfig
 from .model import cross_attention_kv_layers
-from .regularizer import neuron_regularizer
+from .regularizer import anchor_basis, earlier_output_drift, neuron_regularizer, output_energy
 from .sparse import RowDeltaEmbedding, masked_update
 
 __all__ = ["Example", "TrainResult", "TrainingState", "train_task", "diffusion_target", "sparse_trainables",
@@ -173,6 +173,7 @@ def train_task(
     progress: bool = True,
     resume: TrainingState | None = None,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
+    keep_states: torch.Tensor | None = None,
 ) -> TrainResult:
     """Fine-tune one task (Eq. 8) in place on ``pipe`` and return what changed.
 
@@ -182,6 +183,9 @@ def train_task(
     ``pretrained`` (W_0 per layer) they give L_reg (Eq. 7) against W_{m-1} (the weights on
     entry) and W_0. Deterministic for a given ``config.seed`` on CPU: step ``i`` draws from
     :func:`step_generator` ``(seed, i)``.
+    ``keep_states``: ``(N, width)`` text states of earlier concepts' prompts; with
+    ``config.lambda_keep`` > 0 they give L_keep (:func:`~cns.regularizer.earlier_output_drift`),
+    which holds their keys and values where W_{m-1} put them.
     ``on_checkpoint`` receives a :class:`TrainingState` every ``config.checkpoint_every``
     steps; ``resume`` (such a state) continues from its step with the result an uninterrupted
     run gives.
@@ -207,7 +211,11 @@ def train_task(
     shift = getattr(vae.config, "shift_factor", None) or 0.0
 
     layers = cross_attention_kv_layers(unet)
-    previous = {name: layers[name].weight.detach().clone() for name in masks} if reg_masks else {}
+    use_keep = keep_states is not None and keep_states.numel() > 0 and config.lambda_keep > 0
+    previous = {name: layers[name].weight.detach().clone() for name in masks} if (reg_masks or use_keep) else {}
+    if use_keep:
+        basis = anchor_basis(keep_states.to(device))
+        energies = {name: output_energy(previous[name], basis) for name in masks}
     losses: list[float] = []
     step_seconds: list[float] = []
     processors = unet.attn_processors if config.attention_slicing != "no" else None
@@ -272,6 +280,13 @@ def train_task(
                             [torch.ones_like(c) for c in current],
                             config.lambda_previous,
                             config.lambda_pretrained,
+                        )
+                    if use_keep:
+                        names = list(wrapped)
+                        loss = loss + config.lambda_keep * earlier_output_drift(
+                            [wrapped[n].effective_weight().float() - previous[n].float() for n in names],
+                            basis,
+                            [energies[n] for n in names],
                         )
                 accelerator.backward(loss)
                 optimizer.step()

@@ -11,6 +11,8 @@ Methods (``METHODS``):
 - ``cns``: Concept Neuron Selection with its defaults, through :class:`cns.ConceptLibrary`.
 - ``cns-random``: ablation, random neurons (same count per row, hence per layer, as CNS).
 - ``cns-noreg``: ablation, CNS without L_reg.
+- ``cns-keep``: CNS with L_keep (beyond the paper, ``LearnConfig.lambda_keep``), which holds the
+  keys and values of earlier concepts' tokens.
 - ``kv-all``: every K/V weight + the token, no L_reg: the paper's "all K/V" curve, i.e. Custom
   Diffusion learned sequentially.
 - ``ti``: Textual Inversion (the token embedding only).
@@ -286,6 +288,7 @@ class CNSMethod(Method):
     key, label = "cns", "CNS"
     neurons = "concept"
     regularize = True
+    lambda_keep = 0.0
 
     @property
     def library_path(self) -> Path:
@@ -306,7 +309,7 @@ class CNSMethod(Method):
                            lr_embedding=p.lr_embedding, select_ratio=p.select_ratio,
                            num_class_images=p.num_class_images,
                            prior_loss_weight=p.prior_loss_weight, seed=p.seed, neurons=self.neurons,
-                           regularize=self.regularize, device=self.device)
+                           regularize=self.regularize, lambda_keep=self.lambda_keep, device=self.device)
 
     def learned(self) -> int:
         # the library commits a task atomically; a record may be missing after a crash in between
@@ -400,6 +403,11 @@ class RandomNeuronsMethod(CNSMethod):
 class NoRegMethod(CNSMethod):
     key, label = "cns-noreg", "CNS, no L_reg"
     regularize = False
+
+
+class KeepMethod(CNSMethod):
+    key, label = "cns-keep", "CNS + L_keep (beyond the paper)"
+    lambda_keep = 10.0
 
 
 class AllKVMethod(CNSMethod):
@@ -664,7 +672,7 @@ class MixOfShowMethod(_LoRAMethod):
 
 METHODS: dict[str, type[Method]] = {
     m.key: m
-    for m in (CNSMethod, RandomNeuronsMethod, NoRegMethod, AllKVMethod, TextualInversionMethod, CLoRAMethod,
+    for m in (CNSMethod, RandomNeuronsMethod, NoRegMethod, KeepMethod, AllKVMethod, TextualInversionMethod, CLoRAMethod,
               OrthogonalMethod, MixOfShowMethod)
 }
 METHOD_LABELS = {k: m.label for k, m in METHODS.items()}

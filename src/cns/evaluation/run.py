@@ -36,7 +36,7 @@ from .protocol import EvalConcept, Protocol, multi_prompts, resolve_folder, sing
 
 __all__ = ["ZeroShotSet", "tiny_world_zero_shot", "run_evaluation", "summarize", "write_report", "DEFAULT_METHODS"]
 
-DEFAULT_METHODS = ("cns", "cns-random", "cns-noreg", "kv-all", "ti", "c-lora", "ortho", "mix-of-show")
+DEFAULT_METHODS = ("cns", "cns-random", "cns-noreg", "cns-keep", "kv-all", "ti", "c-lora", "ortho", "mix-of-show")
 ZERO_SHOT_IMAGES = 2  # images per zero-shot prompt
 
 

@@ -56,6 +56,7 @@ class DemoSettings:
     lr_neurons: float = 1e-2
     lr_embedding: float = 1e-3  # higher pushed token rows to 2-5x the vocabulary's largest norm (measured)
     select_ratio: float = 0.3  # 0.1 (the library's default) selects too few K/V elements in this 128-wide model
+    lambda_keep: float = 0.0  # L_keep (beyond the paper): off, so that the demo shows the paper's CNS
     num_class_images: int = 8
     images_per_prompt: int = 4
     sample_steps: int = 30
@@ -67,7 +68,7 @@ class DemoSettings:
 
 def _learn_config(s: DemoSettings) -> LearnConfig:
     return LearnConfig(steps=s.steps, batch_size=s.batch_size, lr_neurons=s.lr_neurons, lr_embedding=s.lr_embedding,
-                       select_ratio=s.select_ratio,
+                       select_ratio=s.select_ratio, lambda_keep=s.lambda_keep,
                        num_class_images=s.num_class_images, class_image_steps=s.sample_steps,
                        class_image_guidance=s.guidance, seed=s.seed)
 
