@@ -57,16 +57,30 @@ def test_anchor_basis_gives_the_mean_squared_output_change_over_the_anchors():
     for n in (3, 40):  # fewer and more anchors than the width
         anchors = torch.randn(n, 8, generator=g)
         delta = torch.randn(5, 8, generator=g)
-        basis = anchor_basis(anchors)
+        basis = anchor_basis(anchors, center=False)
         assert basis.shape[0] == min(n, 8)
         expected = (delta @ anchors.T).pow(2).sum() / n
         assert torch.allclose(output_energy(delta, basis), expected, rtol=1e-4)
+        centered = anchors - anchors.mean(dim=0)
+        expected = (delta @ centered.T).pow(2).sum() / n
+        assert torch.allclose(output_energy(delta, anchor_basis(anchors)), expected, rtol=1e-4)
+
+
+def test_centred_anchors_leave_a_shift_common_to_all_of_them_free():
+    anchors = torch.tensor([[1.0, 1.0, 0.0], [1.0, -1.0, 0.0]])  # mean (1, 0, 0), difference along axis 2
+    weight = torch.eye(3)
+    along_mean = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    along_difference = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    centred, raw = anchor_basis(anchors), anchor_basis(anchors, center=False)
+    assert earlier_output_drift([along_mean], centred, [output_energy(weight, centred)]).item() == 0.0
+    assert earlier_output_drift([along_mean], raw, [output_energy(weight, raw)]).item() > 0.0
+    assert earlier_output_drift([along_difference], centred, [output_energy(weight, centred)]).item() > 0.0
 
 
 def test_drift_is_zero_for_updates_orthogonal_to_every_anchor_and_relative_otherwise():
     anchors = torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]])  # span: the first axis
     weight = torch.tensor([[1.0, 5.0, 0.0], [3.0, 0.0, 7.0]])
-    basis = anchor_basis(anchors)
+    basis = anchor_basis(anchors, center=False)
     energy = output_energy(weight, basis)
     orthogonal = torch.tensor([[0.0, 9.0, -4.0], [0.0, 1.0, 2.0]])
     assert earlier_output_drift([orthogonal], basis, [energy]).item() == 0.0
@@ -79,7 +93,7 @@ def test_drift_is_zero_for_updates_orthogonal_to_every_anchor_and_relative_other
 
 def test_descending_the_drift_only_moves_the_update_inside_the_anchor_span():
     anchors = torch.tensor([[1.0, 1.0, 0.0]])
-    basis = anchor_basis(anchors)
+    basis = anchor_basis(anchors, center=False)
     delta = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
     earlier_output_drift([delta], basis, [torch.tensor(1.0)]).backward()
     grad = delta.grad[0]

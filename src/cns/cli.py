@@ -22,7 +22,8 @@ def _learn_config(args) -> LearnConfig:
     config = LearnConfig()
     for field in (
         "steps", "seed", "batch_size", "select_ratio", "select_rule", "lr_embedding", "lr_neurons",
-        "lambda_previous", "lambda_pretrained", "lambda_keep", "prior_loss_weight", "num_class_images", "class_image_steps",
+        "lambda_previous", "lambda_pretrained", "lambda_keep", "prior_loss_weight", "num_class_images",
+        "class_image_steps",
         "resolution", "mixed_precision", "device", "neurons", "checkpoint_every", "attention_slicing",
     ):
         value = getattr(args, field, None)
@@ -146,8 +147,8 @@ def cmd_demo(args) -> int:
     from .world.demo import DEFAULT_DEMO_CONCEPTS, DemoSettings, run_demo
 
     settings = DemoSettings(out=Path(args.out), concepts=tuple(args.concepts or DEFAULT_DEMO_CONCEPTS), seed=args.seed)
-    for field in ("steps", "lr_neurons", "lr_embedding", "select_ratio", "lambda_keep", "guidance", "images_per_prompt",
-                  "sample_steps", "model", "evaluator"):
+    for field in ("steps", "lr_neurons", "lr_embedding", "select_ratio", "lambda_keep", "guidance",
+                  "images_per_prompt", "sample_steps", "model", "evaluator"):
         if getattr(args, field, None) is not None:
             setattr(settings, field, getattr(args, field))
     results = run_demo(settings, progress=not args.quiet)
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-regularizer", action="store_true", help="ablation: no L_reg")
     p.add_argument("--lambda-keep", type=float,
                    help="beyond the paper: weight of L_keep, which holds the keys and values of earlier "
-                        "concepts' prompts (0, the default: off)")
+                        "concepts' tokens (0, the default: off; 10 is a good start)")
     p.add_argument("--prior-loss-weight", type=float)
     p.add_argument("--num-class-images", type=int)
     p.add_argument("--class-image-steps", type=int)

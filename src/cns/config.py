@@ -26,7 +26,7 @@ class LearnConfig:
     lambda_previous: float = 1.0  # (choice) l1 of Eq. 7
     lambda_pretrained: float = 0.1  # (choice) l2 of Eq. 7
     regularize: bool = True  # L_reg on (ablation: False)
-    lambda_keep: float = 0.0  # (beyond the paper) weight of L_keep: K/V outputs of earlier concepts' prompts; 0: off
+    lambda_keep: float = 0.0  # (beyond the paper) weight of L_keep: holds earlier concepts' tokens' K/V; 0: off
     train_embedding: bool = True
     prior_loss_weight: float = 1.0  # lambda of Eq. 8, as Custom Diffusion / DreamBooth
     num_class_images: int = 100  # (choice) Custom Diffusion uses 200

@@ -10,7 +10,8 @@ pretrained weights (zero-shot ability).
 Eq. 7 only reaches the elements this task shares with earlier ones. The elements only this
 task trains still move every token's keys and values, an earlier concept's too (a K/V row
 acts on all tokens). :func:`earlier_output_drift` is an optional term beyond the paper that
-closes that route: the relative change of the K/V outputs for earlier concepts' prompts.
+closes that route: the relative change of how earlier concepts' tokens' keys and values
+differ from one another.
 """
 
 from __future__ import annotations
@@ -60,11 +61,16 @@ def neuron_regularizer(
     )
 
 
-def anchor_basis(states: torch.Tensor, rtol: float = 1e-6) -> torch.Tensor:
-    """A ``(r, width)`` matrix R with ``R^T R = A^T A / N`` for the ``(N, width)`` text states A
-    (r <= min(N, width)): ``||dW R^T||_F^2`` is then the mean squared change ``dW a`` over the
-    rows a of A, at a cost that does not grow with N."""
+def anchor_basis(states: torch.Tensor, center: bool = True, rtol: float = 1e-6) -> torch.Tensor:
+    """A ``(r, width)`` matrix R with ``R^T R = A^T A / N`` for the ``(N, width)`` text states A,
+    centred on their mean first when ``center`` (r <= min(N, width)): ``||dW R^T||_F^2`` is then
+    the mean squared change ``dW a`` over the rows a of A, at a cost that does not grow with N.
+
+    Centred, a change along the mean state, the part every anchor shares, costs nothing: what
+    tells the anchors apart is held, a shift common to all of them is left free."""
     states = states.reshape(-1, states.shape[-1]).double()
+    if center:
+        states = states - states.mean(dim=0, keepdim=True)
     gram = states.T @ states / max(1, states.shape[0])
     eigenvalues, vectors = torch.linalg.eigh(gram)
     keep = eigenvalues > rtol * eigenvalues.max().clamp_min(1e-30)
@@ -84,10 +90,10 @@ def earlier_output_drift(
     """L_keep (beyond the paper): the mean over layers of ``||dW_l R^T||^2 / ||W_l R^T||^2``.
 
     ``deltas``: per layer, ``W_m - W_{m-1}`` (full weights); ``basis``: :func:`anchor_basis` of
-    the text states of earlier concepts' prompts (the K/V inputs of every cross-attention
+    the text states at earlier concepts' tokens (the K/V inputs of every cross-attention
     layer); ``energies``: :func:`output_energy` of ``W_{m-1}`` per layer. The value is the
-    squared relative change of what those prompts' keys and values are, 0 when the updates are
-    orthogonal to every anchor state.
+    squared relative change of those tokens' keys and values (centred: of how they differ from
+    one another), 0 when the updates are orthogonal to every anchor state.
     """
     if len(deltas) != len(energies):
         raise ValueError("deltas and energies need one tensor per layer each")

@@ -183,9 +183,9 @@ def train_task(
     ``pretrained`` (W_0 per layer) they give L_reg (Eq. 7) against W_{m-1} (the weights on
     entry) and W_0. Deterministic for a given ``config.seed`` on CPU: step ``i`` draws from
     :func:`step_generator` ``(seed, i)``.
-    ``keep_states``: ``(N, width)`` text states of earlier concepts' prompts; with
-    ``config.lambda_keep`` > 0 they give L_keep (:func:`~cns.regularizer.earlier_output_drift`),
-    which holds their keys and values where W_{m-1} put them.
+    ``keep_states``: ``(N, width)`` text states at earlier concepts' tokens in their prompts;
+    with ``config.lambda_keep`` > 0 they give L_keep (:func:`~cns.regularizer.earlier_output_drift`),
+    which holds how their keys and values differ from one another where W_{m-1} put them.
     ``on_checkpoint`` receives a :class:`TrainingState` every ``config.checkpoint_every``
     steps; ``resume`` (such a state) continues from its step with the result an uninterrupted
     run gives.
