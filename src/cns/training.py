@@ -214,7 +214,7 @@ def train_task(
     use_keep = keep_states is not None and keep_states.numel() > 0 and config.lambda_keep > 0
     previous = {name: layers[name].weight.detach().clone() for name in masks} if (reg_masks or use_keep) else {}
     if use_keep:
-        basis = anchor_basis(keep_states.to(device))
+        basis = anchor_basis(keep_states.float().cpu()).to(device)  # (float64 on the CPU: not every device has it)
         energies = {name: output_energy(previous[name], basis) for name in masks}
     losses: list[float] = []
     step_seconds: list[float] = []
@@ -281,13 +281,13 @@ def train_task(
                             config.lambda_previous,
                             config.lambda_pretrained,
                         )
-                    if use_keep:
-                        names = list(wrapped)
-                        loss = loss + config.lambda_keep * earlier_output_drift(
-                            [wrapped[n].effective_weight().float() - previous[n].float() for n in names],
-                            basis,
-                            [energies[n] for n in names],
-                        )
+                if use_keep:  # outside autocast: the drift of small updates needs float32
+                    names = list(wrapped)
+                    loss = loss + config.lambda_keep * earlier_output_drift(
+                        [wrapped[n].effective_weight().float() - previous[n].float() for n in names],
+                        basis,
+                        [energies[n] for n in names],
+                    )
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
