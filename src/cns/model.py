@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["cross_attention_kv_layers", "encode_prompts", "encode_token_states", "kv_fingerprint", "layer_shapes"]
+__all__ = ["cross_attention_kv_layers", "encode_prompts", "encode_token_states", "kv_fingerprint", "layer_shapes",
+           "pipeline_tokens"]
 
 
 def cross_attention_kv_layers(unet: nn.Module) -> dict[str, nn.Linear]:
@@ -41,7 +42,22 @@ def layer_shapes(unet: nn.Module) -> dict[str, list[int]]:
     return {name: list(linear.weight.shape) for name, linear in cross_attention_kv_layers(unet).items()}
 
 
+def pipeline_tokens(tokenizer, prompts: Sequence[str]):
+    """``prompts`` tokenized as a Stable Diffusion pipeline does: padded to the tokenizer's max
+    length, longer ones truncated (a ``BatchEncoding`` of tensors)."""
+    return tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+
+
 @torch.no_grad()
+def _encode(tokenizer, text_encoder, prompts: Sequence[str]):
+    """(tokens, float ``(n, tokens, width)`` hidden states on the CPU) of ``prompts``."""
+    tokens = pipeline_tokens(tokenizer, prompts)
+    device = next(text_encoder.parameters()).device
+    return tokens, text_encoder(tokens.input_ids.to(device))[0].float().cpu()
+
+
 def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], drop_padding: bool = False) -> list[torch.Tensor]:
     """The ``encoder_hidden_states`` a Stable Diffusion pipeline feeds its UNet for each prompt.
 
@@ -49,14 +65,10 @@ def encode_prompts(tokenizer, text_encoder, prompts: Sequence[str], drop_padding
     ``drop_padding`` each result keeps only the tokens up to and including the end token.
     Returns one ``(tokens, width)`` float tensor per prompt.
     """
-    ids = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    )
-    device = next(text_encoder.parameters()).device
-    hidden = text_encoder(ids.input_ids.to(device))[0].float().cpu()
+    tokens, hidden = _encode(tokenizer, text_encoder, prompts)
     if not drop_padding:
         return list(hidden)
-    lengths = ids.attention_mask.sum(dim=1)
+    lengths = tokens.attention_mask.sum(dim=1)
     return [h[: int(n)] for h, n in zip(hidden, lengths)]
 
 
@@ -64,18 +76,12 @@ def encode_token_states(tokenizer, text_encoder, token_prompts: Sequence[tuple[s
     """``(N, width)`` text-encoder outputs at the positions of each pair's token in its prompt
     (every occurrence; prompts tokenized as the pipeline does): what an added token's keys and
     values are made from. Pairs whose prompt lacks the token add nothing."""
-    width = text_encoder.get_input_embeddings().weight.shape[1]
     if not token_prompts:
-        return torch.zeros(0, width)
-    tokens, prompts = zip(*token_prompts)
-    ids = tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(tokens))).unsqueeze(1)
-    device = next(text_encoder.parameters()).device
-    with torch.no_grad():
-        hidden = text_encoder(ids.to(device))[0].float().cpu()
-    return hidden[ids == token_ids]
+        return torch.zeros(0, text_encoder.get_input_embeddings().weight.shape[1])
+    token_names, prompts = zip(*token_prompts)
+    tokens, hidden = _encode(tokenizer, text_encoder, prompts)
+    token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(token_names))).unsqueeze(1)
+    return hidden[tokens.input_ids == token_ids]
 
 
 def kv_fingerprint(unet: nn.Module, token_embedding: torch.Tensor, vocab_size: int) -> str:

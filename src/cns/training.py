@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import LearnConfig
-from .model import cross_attention_kv_layers
+from .model import cross_attention_kv_layers, pipeline_tokens
 from .regularizer import anchor_basis, earlier_output_drift, neuron_regularizer, output_energy
 from .sparse import RowDeltaEmbedding, masked_update
 
@@ -155,9 +155,7 @@ def _encode_latents(vae, pixels: torch.Tensor, batch: int = 8) -> tuple[torch.Te
 
 
 def _token_ids(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
-    return tokenizer(
-        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    return pipeline_tokens(tokenizer, prompts).input_ids
 
 
 def train_task(
