@@ -54,7 +54,8 @@ def main(argv=None) -> int:
     config.extra.update(scaling_factor=float(pipe.vae.config.scaling_factor), checkpoint_every=250)
     started = time.perf_counter()
     scenes, images = render_pool(config.pool_size, config.seed, "train", config.render_size, work / "pool",
-                                 workers=args.workers)
+                                 workers=args.workers, novel_background=config.novel_background,
+                                 novel_style=config.novel_style)
     with torch.no_grad():
         latents = encode_pool(pipe.vae, resize_images(images, config.image_size))
     pipe.text_encoder.requires_grad_(True)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing as mp
 import os
 import string
 import time
@@ -43,10 +42,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from cns.world.dataset import CHUNK
+from cns.world.recipes import PALETTE, PATTERNS, STYLE_FILLS, sample_novel_background, sample_novel_style
 from cns.world.render import (
     BACKGROUNDS,
-    PLAIN_BACKGROUNDS,
-    SHAPES,
     Background,
     Style,
     COLORS,
@@ -154,63 +152,6 @@ RECOLORABLE_PARTS: dict[str, tuple[str, ...]] = {
 NOVEL_STYLE_PROB = 0.2  # share of training scenes drawn in an unnamed style recipe
 NOVEL_BACKGROUND_PROB = 0.2  # ... on an unnamed background recipe
 PART_COLOR_PROB = 0.3  # share of creatures with recolored parts
-
-# Colors that unnamed background recipes use (the 8 color words and the plain backgrounds).
-PALETTE: tuple[tuple[int, int, int], ...] = tuple(COLORS.values()) + tuple(BACKGROUNDS[k].base for k in PLAIN_BACKGROUNDS)
-STYLE_FILLS: tuple[str, ...] = ("solid", "none", "hatch", "crosshatch", "halftone")
-PIXEL_CELLS: tuple[int, ...] = (12, 14, 16, 18, 20, 24)
-PATTERNS: tuple[str, ...] = ("plain", "stripes", "dots", "checks", "grid", "motifs")
-PERIODS: tuple[float, ...] = (1 / 4, 1 / 5, 1 / 6, 1 / 8, 1 / 10)
-
-
-def _concept_recipes() -> tuple[set, set]:
-    from cns.world.concepts import CONCEPTS
-
-    return ({c.style for c in CONCEPTS if c.style is not None},
-            {c.background for c in CONCEPTS if c.background is not None})
-
-
-def sample_novel_style(rng: np.random.Generator) -> Style:
-    """An unnamed style recipe: not a base style and not a personal concept's recipe."""
-    concept_styles, _ = _concept_recipes()
-    while True:
-        pixel = int(rng.choice(PIXEL_CELLS)) if rng.random() < 0.35 else 0
-        style = Style(
-            fill=str(rng.choice(STYLE_FILLS)),
-            outlines=int(rng.integers(3)),
-            pixel_cells=pixel,
-            cell_gaps=bool(pixel and rng.random() < 0.5),
-        )
-        if style.fill == "none" and style.outlines == 0:
-            continue
-        if style in STYLES.values() or style in concept_styles:
-            continue
-        return style
-
-
-def sample_novel_background(rng: np.random.Generator) -> Background:
-    """An unnamed background recipe: not a base background and not a personal concept's recipe."""
-    _, concept_backgrounds = _concept_recipes()
-    while True:
-        pattern = str(rng.choice(PATTERNS))
-        base = PALETTE[int(rng.integers(len(PALETTE)))]
-        ink = PALETTE[int(rng.integers(len(PALETTE)))]
-        if pattern == "plain":
-            ink = (0, 0, 0)
-        elif color_distance(base, ink) < 60:
-            continue
-        background = Background(
-            pattern=pattern,
-            base=base,
-            ink=ink,
-            period=float(rng.choice(PERIODS)) if pattern != "plain" else 1 / 8,
-            diagonal=bool(pattern == "stripes" and rng.random() < 0.5),
-            motif=str(rng.choice(SHAPES)) if pattern == "motifs" else "star",
-            motif_scale=float(rng.choice((0.26, 0.4))) if pattern == "motifs" else 0.26,
-        )
-        if background in BACKGROUNDS.values() or background in concept_backgrounds:
-            continue
-        return background
 
 
 def sample_training_object(

@@ -49,6 +49,8 @@ class TinyWorldConfig:
     text_heads: int = 4
     max_length: int = 32
     pool_size: int = 16000
+    novel_background: float = 0.0  # share of pool scenes on an unnamed background recipe (cns.world.recipes)
+    novel_style: float = 0.0  # ... in an unnamed style recipe: the primitives concepts are made of
     vae_steps: int = 2500
     vae_batch: int = 32
     vae_crop: int = 0  # > 0: train the (fully convolutional) VAE on random crops of this size
@@ -326,7 +328,8 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     times = {}
     started = time.perf_counter()
     scenes, images = render_pool(config.pool_size, config.seed, "train", config.render_size, work / "pool",
-                                 workers=workers, progress=progress)
+                                 workers=workers, progress=progress, novel_background=config.novel_background,
+                                 novel_style=config.novel_style)
     images = resize_images(images, config.image_size)
     times["render_s"] = time.perf_counter() - started
 
