@@ -1,5 +1,6 @@
 """Pretraining pieces: the tokenizer covers the world, checkpoints resume exactly (no pickle)."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -119,12 +120,14 @@ def test_vae_round_trip_returns_images_of_the_input_shape_near_the_input():
     assert abs(mse - vae_reconstruction_mse(vae, images)) < 0.01
 
 
-def test_decoder_stage_keeps_the_latent_space_and_lowers_reconstruction_error(tmp_path):
+@pytest.mark.parametrize("stage", ["decoder", "appearance"])
+def test_decoder_stages_keep_the_latent_space_and_lower_reconstruction_error(tmp_path, stage):
     import numpy as np
 
-    from cns.world.pretrain import encode_pool, finetune_decoder, vae_reconstruction_mse
+    from cns.world.pretrain import encode_pool, finetune_decoder, finetune_decoder_appearance, vae_reconstruction_mse
 
-    config = TinyWorldConfig(vae_channels=(8, 16), vae_batch=4, decoder_steps=30, decoder_lr=3e-3, warmup=1)
+    config = TinyWorldConfig(vae_channels=(8, 16), vae_batch=4, decoder_steps=30, decoder_lr=3e-3, warmup=1,
+                             appearance_steps=30, appearance_lr=3e-3)
     config.extra["checkpoint_every"] = 1000
     vae, _, _, _ = build_components(config, build_tokenizer())
     rng = np.random.default_rng(0)
@@ -134,13 +137,15 @@ def test_decoder_stage_keeps_the_latent_space_and_lowers_reconstruction_error(tm
     encoder_before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
     error_before = vae_reconstruction_mse(vae, images)
 
-    report = finetune_decoder(vae, images, config, tmp_path, progress=False)
+    run = finetune_decoder if stage == "decoder" else finetune_decoder_appearance
+    report = run(vae, images, config, tmp_path, progress=False)
 
     assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in encoder_before.items())
     assert torch.allclose(encode_pool(vae, images)[0], latents_before, atol=1e-6)  # a UNet trained on these latents stays valid
     assert vae_reconstruction_mse(vae, images) < 0.85 * error_before  # measured: 0.74x after 30 steps
     assert report["mse_last50"] is not None and not any(p.requires_grad for p in vae.parameters())
-    assert (tmp_path / "decoder.json").exists()  # the last step is checkpointed: a rerun resumes at the end
+    assert (tmp_path / f"{stage}.json").exists()  # the last step is checkpointed: a rerun resumes at the end
+    assert {p.name for p in tmp_path.glob("*.json")} == {f"{stage}.json"}  # each stage resumes from its own
 
 
 def test_default_settings_build_the_shipped_architecture():

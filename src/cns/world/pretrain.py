@@ -4,9 +4,10 @@
 
     python -m cns.world.pretrain --work world-pretrain --out src/cns/world/weights/tiny-world
 
-Three stages, all resumable from the work folder (checkpoints every ``--checkpoint-every``
+Four stages, all resumable from the work folder (checkpoints every ``--checkpoint-every``
 steps, safetensors + JSON only): the VAE on rendered scenes; its decoder alone, with the
-encoder (the latent space) frozen from here on; then the UNet and the text encoder together
+encoder (the latent space) frozen from here on; the decoder again on a second pool that holds
+unnamed style and background recipes (the appearance stage); then the UNet and the text encoder together
 on the VAE's latents, with classifier-free-guidance caption dropout and
 captions whose attributes are left out at random (:func:`cns.world.dataset.training_caption`).
 Every random draw comes from a generator seeded by (seed, stage, step), so a resumed run
@@ -30,7 +31,8 @@ import torch.nn.functional as F
 
 from .checkpoints import load_checkpoint, save_checkpoint
 
-__all__ = ["TinyWorldConfig", "build_tokenizer", "build_components", "pretrain", "DEFAULT_MODEL_PATH"]
+__all__ = ["TinyWorldConfig", "build_tokenizer", "build_components", "finetune_decoder",
+           "finetune_decoder_appearance", "pretrain", "DEFAULT_MODEL_PATH"]
 
 DEFAULT_MODEL_PATH = Path(__file__).with_name("weights") / "tiny-world"
 EXTRA_WORDS = ("photo", "of", ",", "<|endoftext|>")
@@ -58,6 +60,9 @@ class TinyWorldConfig:
     kl_weight: float = 1e-6
     decoder_steps: int = 2000  # decoder alone, encoder frozen: attribute ceiling 0.812 -> 0.848 (docs/world/quality.md)
     decoder_lr: float = 1e-3
+    appearance_steps: int = 0  # > 0: the decoder alone on a pool with unnamed recipes (measured, not shipped: docs)
+    appearance_lr: float = 5e-4
+    appearance_novel: float = 0.2  # share of that pool's scenes on an unnamed background, and in an unnamed style
     unet_steps: int = 9000  # the shipped run (3,000 at lr 5e-4 drew shapes too rarely, 6,000 reached 0.760: docs/world/pretraining.md)
     unet_batch: int = 32
     unet_lr: float = 7e-4
@@ -185,21 +190,37 @@ def train_vae(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, prog
                                  steps=config.vae_steps, lr=config.vae_lr, encoder_frozen=False, progress=progress)
 
 
-def finetune_decoder(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, progress=True) -> dict:
+def finetune_decoder(vae, images: np.ndarray, config: TinyWorldConfig, work: Path, progress=True, *,
+                     name: str = "decoder", stage: int = 3, steps: int | None = None,
+                     lr: float | None = None) -> dict:
     """Stage 2: the VAE's decoder (and ``post_quant_conv``) alone, the encoder frozen.
 
     The latent space stays what it is, so a UNet trained on it stays valid; only how latents are
     drawn improves (as Stable Diffusion's ``ft-MSE`` VAE fine-tuned its decoder). Same loss as
-    `train_vae` without the KL term, which does not involve the decoder."""
+    `train_vae` without the KL term, which does not involve the decoder. ``name``, ``stage``,
+    ``steps`` and ``lr`` (default: the decoder stage's) serve `finetune_decoder_appearance`."""
     vae.requires_grad_(False)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     for p in params:
         p.requires_grad_(True)
-    report = _train_reconstruction(vae, params, images, config, work, name="decoder", stage=3,
-                                   steps=config.decoder_steps, lr=config.decoder_lr, encoder_frozen=True,
+    report = _train_reconstruction(vae, params, images, config, work, name=name, stage=stage,
+                                   steps=config.decoder_steps if steps is None else steps,
+                                   lr=config.decoder_lr if lr is None else lr, encoder_frozen=True,
                                    progress=progress)
     vae.requires_grad_(False)
     return report
+
+
+def finetune_decoder_appearance(vae, images: np.ndarray, config: TinyWorldConfig, work: Path,
+                                progress=True) -> dict:
+    """Stage 3: the decoder alone again, on a second pool in which a share of the scenes
+    (``appearance_novel``) have unnamed style and background recipes (`cns.world.recipes`): the
+    high-contrast stripes, checks and motif fields, halftone and crosshatch fills that personal
+    concepts are made of. The encoder stays frozen, so the latents and the UNet do not change;
+    the decoder learns to draw those primitives from them (harbor-stripes' reconstruction error
+    fell from 31.8x the world's to 8.8x, docs/world/pretraining.md)."""
+    return finetune_decoder(vae, images, config, work, progress, name="appearance", stage=4,
+                            steps=config.appearance_steps, lr=config.appearance_lr)
 
 
 @torch.no_grad()
@@ -249,6 +270,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
+    from ..model import pipeline_tokens
     from .dataset import training_caption
 
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
@@ -280,8 +302,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
         x = (means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=g)) * config.extra["scaling_factor"]
         noise = torch.randn(x.shape, generator=g)
         t = torch.randint(noise_scheduler.config.num_train_timesteps, (x.shape[0],), generator=g)
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = pipeline_tokens(tokenizer, captions).input_ids
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, config.unet_steps, config.unet_lr, config.warmup)
         prediction = unet(noise_scheduler.add_noise(x, noise, t), t, text_encoder(ids)[0]).sample
@@ -314,7 +335,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
 
 
 def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, progress: bool = True) -> dict:
-    """Run (or resume) both stages and save the pipeline to ``out``; returns a report."""
+    """Run (or resume) all stages and save the pipeline to ``out``; returns a report."""
     from diffusers import StableDiffusionPipeline
 
     from .dataset import render_pool
@@ -340,7 +361,17 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     times["vae_s"] = time.perf_counter() - t
     t = time.perf_counter()
     decoder_report = finetune_decoder(vae, images, config, work, progress)
-    times["decoder_s"] = time.perf_counter() - t  # the VAE leaves this stage frozen
+    times["decoder_s"] = time.perf_counter() - t
+    appearance_report = None
+    if config.appearance_steps:
+        t = time.perf_counter()
+        _, appearance = render_pool(config.pool_size, config.seed, "train", config.render_size, work / "pool",
+                                    workers=workers, progress=progress, novel_background=config.appearance_novel,
+                                    novel_style=config.appearance_novel)
+        appearance_report = finetune_decoder_appearance(vae, resize_images(appearance, config.image_size), config,
+                                                        work, progress)
+        del appearance
+        times["appearance_s"] = time.perf_counter() - t  # the VAE leaves here frozen
 
     t = time.perf_counter()
     latents_path = work / "latents.safetensors"
@@ -373,6 +404,7 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
         "scaling_factor": scaling,
         "vae": vae_report,
         "decoder": decoder_report,
+        "appearance": appearance_report,
         "unet": unet_report,
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "torch_threads": torch.get_num_threads(),
