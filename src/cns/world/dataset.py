@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .recipes import sample_novel_background, sample_novel_style
 from .render import POSITION_PHRASES, Scene, decoration_phrase, has_enough_contrast, is_held_out, render, sample_scene
 
 __all__ = ["CHUNK", "pool_scene", "pool_scenes", "render_chunks", "render_pool", "training_caption"]
@@ -29,8 +30,6 @@ def pool_scene(rng: np.random.Generator, split: str = "train", novel_background:
     named ones (`cns.world.recipes`; captioned ``on a background`` / ``style``). They show the
     VAE and the UNet the appearance primitives personal concepts are made of (high-contrast
     patterns, halftone and crosshatch fills, double outlines) without a concept's own recipe."""
-    from .recipes import sample_novel_background, sample_novel_style
-
     while True:
         scene = sample_scene(rng, split)
         if novel_background and rng.random() < novel_background:

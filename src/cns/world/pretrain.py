@@ -217,8 +217,8 @@ def finetune_decoder_appearance(vae, images: np.ndarray, config: TinyWorldConfig
     (``appearance_novel``) have unnamed style and background recipes (`cns.world.recipes`): the
     high-contrast stripes, checks and motif fields, halftone and crosshatch fills that personal
     concepts are made of. The encoder stays frozen, so the latents and the UNet do not change;
-    the decoder learns to draw those primitives from them (harbor-stripes' reconstruction error
-    fell from 31.8x the world's to 8.8x, docs/world/pretraining.md)."""
+    the decoder learns to draw those primitives from them (on the shipped VAE, harbor-stripes'
+    reconstruction error fell from 31.8x the world's to 10.0x, docs/world/pretraining.md)."""
     return finetune_decoder(vae, images, config, work, progress, name="appearance", stage=4,
                             steps=config.appearance_steps, lr=config.appearance_lr)
 
