@@ -175,15 +175,46 @@ def test_continual_metrics_edge_cases():
 
 
 # ---------------------------------------------------------------------------
-# ClipScorer on a tiny random CLIPModel
+# ClipScorer on tiny random dual encoders: a CLIPModel and a EfficientNet VisionTextDualEncoderModel
 # ---------------------------------------------------------------------------
 
+WORDS = ["a", "photo", "of", "red", "star", "dog", ","]
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
+
+@pytest.fixture(scope="module", params=["vit", "efficientnet"])
+def tiny_clip(request, tmp_path_factory):
     from cns.testing import save_tiny_clip
 
-    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny", ["a", "photo", "of", "red", "star", "dog", ","])
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny", WORDS, image_tower=request.param)
+
+
+def test_clip_scorer_loads_each_tower_as_its_own_class(tmp_path):
+    from transformers import CLIPModel, VisionTextDualEncoderModel
+
+    from cns.testing import save_tiny_clip
+
+    vit = ClipScorer.from_pretrained(save_tiny_clip(tmp_path / "vit", WORDS), device="cpu")
+    conv = ClipScorer.from_pretrained(save_tiny_clip(tmp_path / "conv", WORDS, image_tower="efficientnet"), device="cpu")
+    assert type(vit.model) is CLIPModel and type(conv.model) is VisionTextDualEncoderModel
+    assert conv.model.vision_model.config.model_type == "efficientnet"
+    # the scorer's embeddings are the model's own projected features, normalised
+    images = _images()
+    pixels = conv.processor(images=images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        direct = conv.model.get_image_features(pixel_values=pixels).pooler_output
+    assert torch.allclose(conv.image_embeddings(images), torch.nn.functional.normalize(direct, dim=-1), atol=1e-5)
+
+
+def test_clip_scorer_refuses_a_model_without_both_towers(tmp_path):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cns.testing import save_tiny_clip
+
+    path = save_tiny_clip(tmp_path / "clip", WORDS)
+    CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16)).save_pretrained(path)
+    with pytest.raises(TypeError, match="not a dual image-text encoder"):
+        ClipScorer.from_pretrained(path, device="cpu")
 
 
 def _images():

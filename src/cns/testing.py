@@ -147,25 +147,45 @@ def make_sd15_architecture(seed: int = 0, words=DUMMY_WORDS):
     return pipe
 
 
-def save_tiny_clip(path: str | Path, words, seed: int = 0) -> Path:
-    """A tiny random transformers ``CLIPModel`` + ``CLIPProcessor`` (16 x 16 images, 8-d
-    embeddings, a CLIP tokenizer trained on ``words``) saved to ``path``, for metric tests."""
+def save_tiny_clip(path: str | Path, words, seed: int = 0, image_tower: str = "vit") -> Path:
+    """A tiny random dual encoder + ``CLIPProcessor`` (16 x 16 images, 8-d embeddings, a CLIP
+    tokenizer trained on ``words``) saved to ``path``, for metric tests: a ``CLIPModel``
+    (``image_tower="vit"``) or a ``VisionTextDualEncoderModel`` with an EfficientNet tower
+    (``"efficientnet"``, as the tiny world's evaluator can be)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from .world.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_clip_tokenizer(list(words), model_max_length=16)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=16, patch_size=8),
-        projection_dim=8,
-    )
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if image_tower == "efficientnet":
+        from transformers import (CLIPTextConfig, EfficientNetConfig, VisionTextDualEncoderConfig,
+                                  VisionTextDualEncoderModel)
+
+        from .world.evaluator import reset_to_torch_defaults
+
+        # width 1/80: every stage 8 channels, the top 16 (EfficientNet scales channels by it)
+        vision = EfficientNetConfig(image_size=16, width_coefficient=0.0125, depth_coefficient=1.0,
+                                    in_channels=[32, 32], out_channels=[32, 64], strides=[1, 2],
+                                    num_block_repeats=[1, 1], kernel_sizes=[3, 3], expand_ratios=[1, 2],
+                                    hidden_dim=16, hidden_size=16, pooling_type="max", batch_norm_momentum=0.1)
+        model = VisionTextDualEncoderModel(VisionTextDualEncoderConfig.from_vision_text_configs(
+            vision, CLIPTextConfig(**text), projection_dim=8))
+        reset_to_torch_defaults(model.vision_model)
+    elif image_tower == "vit":
+        model = CLIPModel(CLIPConfig(
+            text_config=text,
+            vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               image_size=16, patch_size=8),
+            projection_dim=8,
+        ))
+    else:
+        raise ValueError(f"image_tower must be 'vit' or 'efficientnet', got {image_tower!r}")
     processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     path = Path(path)
-    CLIPModel(config).save_pretrained(path)
+    model.save_pretrained(path)
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
     return path

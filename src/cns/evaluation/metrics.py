@@ -1,8 +1,10 @@
 """Evaluation metrics: CLIP-I, CLIP-T, zero-shot attribute classification and continual-learning
 summaries (average score, forgetting, backward transfer).
 
-Works with any transformers ``CLIPModel`` checkpoint, e.g. ``openai/clip-vit-base-patch32`` for
-Stable Diffusion, or the tiny world's evaluator (``cns.world.evaluator.EVALUATOR_PATH``)::
+Works with any transformers dual encoder that ``AutoModel`` loads and that has
+``get_image_features`` / ``get_text_features``: a ``CLIPModel`` such as
+``openai/clip-vit-base-patch32`` for Stable Diffusion, or a ``VisionTextDualEncoderModel`` such as
+the tiny world's evaluator (``cns.world.evaluator.EVALUATOR_PATH``)::
 
     scorer = ClipScorer.from_pretrained("openai/clip-vit-base-patch32")
     settings = ClipSettings(scale=2.5, clip_at_zero=True, replace_tokens_with_class=True)
@@ -49,7 +51,8 @@ ArrayLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
 
 
 class ClipScorer:
-    """L2-normalised CLIP image and text embeddings from a transformers ``CLIPModel``.
+    """L2-normalised CLIP image and text embeddings from a transformers dual encoder
+    (``CLIPModel``, ``VisionTextDualEncoderModel``).
 
     Images go through the checkpoint's own processor (CLIP preprocessing: short side resized
     bicubic to the model's image size, centre crop, CLIP mean/std normalisation).
@@ -65,11 +68,15 @@ class ClipScorer:
     def from_pretrained(
         cls, name_or_path: str, device: Union[str, torch.device, None] = None, batch_size: int = 64, **kwargs
     ) -> "ClipScorer":
-        """Load a ``CLIPModel`` and its ``CLIPProcessor`` from a folder or a hub id."""
-        from transformers import CLIPModel, CLIPProcessor
+        """Load a dual encoder (``AutoModel``) and its processor (``AutoProcessor``: image
+        processor + tokenizer) from a folder or a hub id."""
+        from transformers import AutoModel, AutoProcessor
 
-        model = CLIPModel.from_pretrained(str(name_or_path), **kwargs)
-        processor = CLIPProcessor.from_pretrained(str(name_or_path))
+        model = AutoModel.from_pretrained(str(name_or_path), **kwargs)
+        if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+            raise TypeError(f"{name_or_path}: {type(model).__name__} is not a dual image-text encoder "
+                            "(no get_image_features / get_text_features)")
+        processor = AutoProcessor.from_pretrained(str(name_or_path))
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return cls(model, processor, device, batch_size)

@@ -392,8 +392,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass(frozen=True)
 class EvaluatorConfig:
-    """Architecture of the evaluator (a ViT image tower on 64 px images and a small text tower)."""
+    """Architecture of the evaluator: an image tower on 64 px images and a small CLIP text tower.
 
+    ``image_tower="vit"`` is a ``CLIPModel`` (ViT patches of ``patch_size``); ``"efficientnet"``
+    is a ``VisionTextDualEncoderModel`` with an ``EfficientNetModel`` tower (MBConv stages
+    ``effnet_*``, channels scaled by ``effnet_width``, global ``effnet_pooling``), whose 3 x 3
+    convolutions see the styles' strokes and pixel cells that 16 px ViT patches blur
+    (docs/world/quality.md)."""
+
+    image_tower: str = "vit"
     vision_hidden: int = 192
     vision_layers: int = 4
     vision_heads: int = 6
@@ -404,6 +411,34 @@ class EvaluatorConfig:
     text_heads: int = 4
     text_mlp: int = 512
     projection_dim: int = 128
+    effnet_width: float = 0.5
+    effnet_in: tuple[int, ...] = (32, 32, 48, 96, 160)
+    effnet_out: tuple[int, ...] = (32, 48, 96, 160, 224)
+    effnet_strides: tuple[int, ...] = (1, 1, 2, 2, 2)  # after the stride-2 stem: 32, 32, 16, 8, 4 px maps
+    effnet_repeats: tuple[int, ...] = (1, 1, 2, 2, 1)
+    effnet_expand: tuple[int, ...] = (1, 4, 4, 4, 4)
+    effnet_pooling: str = "max"  # "is it anywhere": objects are small, mean pooling learns shapes slower
+
+
+IMAGE_TOWERS = ("vit", "efficientnet")
+
+
+def reset_to_torch_defaults(module) -> None:
+    """Re-initialise convolutions, linear and norm layers as PyTorch does. transformers draws
+    every weight of these towers, BatchNorm scales included, from N(0, 0.02) (made for loading
+    pretrained weights over it): through 7 blocks the activations fall to 1e-23, and such a
+    tower learned nothing in 300 steps."""
+    import torch
+
+    for layer in module.modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+            layer.reset_parameters()
+
+
+def _round_channels(n: float, divisor: int = 8) -> int:
+    """EfficientNet's channel rounding (``round_filters`` in transformers) of ``n`` channels."""
+    out = max(divisor, int(n + divisor / 2) // divisor * divisor)
+    return int(out + divisor if out < 0.9 * n else out)
 
 
 def build_tokenizer(save_to: str | Path | None = None):
@@ -435,9 +470,13 @@ def build_processor(tokenizer):
 
 
 def build_model(tokenizer, config: EvaluatorConfig = EvaluatorConfig()):
-    """A randomly initialised ``CLIPModel`` of the given architecture."""
+    """A randomly initialised dual encoder of the given architecture: a ``CLIPModel`` (ViT tower)
+    or a ``VisionTextDualEncoderModel`` (EfficientNet tower, CLIP text tower). Both load with
+    ``transformers.AutoModel`` and have ``get_image_features`` / ``get_text_features``."""
     from transformers import CLIPConfig, CLIPModel
 
+    if config.image_tower not in IMAGE_TOWERS:
+        raise ValueError(f"image_tower must be one of {IMAGE_TOWERS}, got {config.image_tower!r}")
     text = dict(
         vocab_size=len(tokenizer),
         hidden_size=config.text_hidden,
@@ -449,6 +488,24 @@ def build_model(tokenizer, config: EvaluatorConfig = EvaluatorConfig()):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if config.image_tower == "efficientnet":
+        from transformers import (CLIPTextConfig, EfficientNetConfig, VisionTextDualEncoderConfig,
+                                  VisionTextDualEncoderModel)
+
+        w = config.effnet_width
+        top = _round_channels(1280 * w)
+        vision = EfficientNetConfig(
+            num_channels=3, image_size=IMAGE_SIZE, width_coefficient=w, depth_coefficient=1.0,
+            in_channels=list(config.effnet_in), out_channels=list(config.effnet_out),
+            strides=list(config.effnet_strides), num_block_repeats=list(config.effnet_repeats),
+            kernel_sizes=[3] * len(config.effnet_in), expand_ratios=list(config.effnet_expand),
+            hidden_dim=top, hidden_size=top, pooling_type=config.effnet_pooling, batch_norm_momentum=0.1,
+            drop_connect_rate=0.0, dropout_rate=0.0)
+        dual = VisionTextDualEncoderConfig.from_vision_text_configs(
+            vision, CLIPTextConfig(**text), projection_dim=config.projection_dim)
+        model = VisionTextDualEncoderModel(dual)
+        reset_to_torch_defaults(model.vision_model)
+        return model
     vision = dict(
         hidden_size=config.vision_hidden,
         intermediate_size=config.vision_mlp,
@@ -769,7 +826,8 @@ def train(
         scenes += v_scenes
         images.append(v_images)
     images = np.concatenate(images)
-    run_dir = cache / f"run_t{TRAINING_VERSION}_seed{seed}_h{int(heldout)}"
+    tower = "" if init_from or config.image_tower == "vit" else f"_{config.image_tower}"
+    run_dir = cache / f"run_t{TRAINING_VERSION}_seed{seed}_h{int(heldout)}{tower}"
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = run_dir / "tokenizer"
     meta = {"training_version": TRAINING_VERSION, "steps": steps, "batch_size": batch_size, "lr": lr,
@@ -793,9 +851,9 @@ def train(
         tokenizer.save_pretrained(str(tokenizer_dir))
     processor = build_processor(tokenizer)
     if init_from:
-        from transformers import CLIPModel
+        from transformers import AutoModel
 
-        model = CLIPModel.from_pretrained(str(init_from)).float()
+        model = AutoModel.from_pretrained(str(init_from)).float()
     else:
         model = build_model(tokenizer, config)
     groups = HEAD_SETS[head_set]
@@ -1046,6 +1104,9 @@ def main(argv: list[str] | None = None) -> int:
                         "style/background recipes and recolored creature parts)")
     t.add_argument("--patch-size", type=int, default=EvaluatorConfig.patch_size,
                    help="ViT patch size in pixels of the 64 px input (a new model only)")
+    t.add_argument("--image-tower", default=EvaluatorConfig.image_tower, choices=IMAGE_TOWERS,
+                   help="vit: a CLIPModel; efficientnet: a VisionTextDualEncoderModel with an EfficientNet "
+                        "tower (a new model only)")
     t.add_argument("--low-res-fraction", type=float, default=0.0,
                    help="share of each batch shown at --low-res-size px and back (the generator's resolution)")
     t.add_argument("--low-res-size", type=int, default=32)
@@ -1073,7 +1134,7 @@ def main(argv: list[str] | None = None) -> int:
         train(args.out, args.steps, args.seed, args.batch_size, args.lr, args.attribute_weight, args.head_weight,
               pool_size=args.pool_size, max_shift=args.max_shift,
               pool_versions=tuple(int(v) for v in args.pool_versions.split(",")), head_set=args.heads,
-              init_from=args.init_from, config=EvaluatorConfig(patch_size=args.patch_size),
+              init_from=args.init_from, config=EvaluatorConfig(image_tower=args.image_tower, patch_size=args.patch_size),
               low_res_fraction=args.low_res_fraction, low_res_size=args.low_res_size,
               workers=args.workers, threads=args.threads, heldout=not args.no_heldout,
               cache_dir=args.cache_dir, progress=not args.no_progress,

@@ -1,0 +1,113 @@
+"""The evaluator's architectures (`cns.world.evaluator.build_model`): a ViT ``CLIPModel`` or a
+EfficientNet ``VisionTextDualEncoderModel``, both saved by `save_evaluator` and loaded back by
+``ClipScorer.from_pretrained`` like any CLIP checkpoint, and both trainable by the evaluator's loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cns.evaluation import ClipScorer
+from cns.world.evaluator import (
+    IMAGE_SIZE,
+    EvaluatorConfig,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    contrastive_loss,
+    eval_scenes,
+    match_matrix,
+    full_description,
+    pixel_values,
+    save_evaluator,
+)
+from cns.world.render import render
+
+SMALL = dict(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, text_hidden=32, text_layers=1,
+             text_heads=2, text_mlp=64, projection_dim=16, effnet_width=0.25, effnet_in=(32, 32, 48), effnet_out=(32, 48, 64),
+             effnet_strides=(1, 2, 2), effnet_repeats=(1, 1, 1), effnet_expand=(1, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return eval_scenes(8, "train", seed=11)
+
+
+@pytest.mark.parametrize("tower, cls", [("vit", "CLIPModel"), ("efficientnet", "VisionTextDualEncoderModel")])
+def test_each_tower_saves_and_loads_as_a_dual_encoder(tmp_path, tokenizer, scenes, tower, cls):
+    torch.manual_seed(0)
+    model = build_model(tokenizer, EvaluatorConfig(image_tower=tower, **SMALL)).eval()
+    assert type(model).__name__ == cls
+    path = save_evaluator(model, build_processor(tokenizer), tmp_path / tower)
+    scorer = ClipScorer.from_pretrained(str(path), device="cpu")
+    assert type(scorer.model).__name__ == cls and scorer.dim == 16
+    images = [render(s, IMAGE_SIZE) for s in scenes]
+    with torch.no_grad():
+        direct = model.get_image_features(pixel_values=pixel_values(np.stack([np.asarray(i) for i in images])))
+    direct = torch.nn.functional.normalize(getattr(direct, "pooler_output", direct), dim=-1)
+    # the processor's math is `pixel_values`' math, and the saved weights are the trained ones
+    assert torch.allclose(scorer.image_embeddings(images), direct, atol=1e-4)
+    text = scorer.text_embeddings(["a photo of a star", "a red object"])
+    assert text.shape == (2, 16) and not torch.allclose(text[0], text[1])
+
+
+def test_efficientnet_tower_learns_from_the_contrastive_loss(tokenizer, scenes):
+    torch.manual_seed(0)
+    model = build_model(tokenizer, EvaluatorConfig(image_tower="efficientnet", **SMALL))
+    pixels = pixel_values(np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in scenes]))
+    descriptions = [full_description(s) for s in scenes]
+    matches = torch.from_numpy(match_matrix(descriptions, scenes))
+    tokens = tokenizer([d.text for d in descriptions], padding=True, return_tensors="pt")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(20):
+        image = model.get_image_features(pixel_values=pixels).pooler_output
+        text = model.get_text_features(**tokens).pooler_output
+        loss = contrastive_loss(image, text, model.logit_scale, matches)
+        optimizer.zero_grad()
+        loss.backward()
+        if step == 0:  # every weight of the tower, stem to last stage, gets a gradient
+            for name, p in model.vision_model.named_parameters():
+                assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.8, losses
+
+
+def test_efficientnet_tower_starts_with_live_activations(tokenizer, scenes):
+    """transformers initialises BatchNorm scales at N(0, 0.02); `build_model` re-initialises the
+    tower so that renders map to clearly different embeddings from the first training step
+    (train mode: BatchNorm normalises with the batch's statistics)."""
+    from cns.world.evaluator import reset_to_torch_defaults
+
+    pixels = pixel_values(np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in scenes]))
+    torch.manual_seed(0)
+    model = build_model(tokenizer, EvaluatorConfig(image_tower="efficientnet")).train()
+    bn = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in bn)
+    with torch.no_grad():
+        pooled = model.vision_model(pixel_values=pixels).pooler_output
+    assert pooled.shape == (len(scenes), model.config.vision_config.hidden_size)
+    assert pooled.std(0).mean() > 1e-2
+    # what transformers' own initialisation gives, for contrast
+    torch.manual_seed(0)
+    from transformers import VisionTextDualEncoderModel
+
+    raw = VisionTextDualEncoderModel(model.config).train()
+    with torch.no_grad():
+        dead = raw.vision_model(pixel_values=pixels).pooler_output
+    assert dead.std(0).mean() < 1e-6
+    reset_to_torch_defaults(raw.vision_model)
+    with torch.no_grad():
+        assert raw.vision_model(pixel_values=pixels).pooler_output.std(0).mean() > 1e-2
+
+
+def test_unknown_tower_is_refused(tokenizer):
+    with pytest.raises(ValueError, match="image_tower"):
+        build_model(tokenizer, EvaluatorConfig(image_tower="resnet"))
