@@ -11,6 +11,8 @@ generator's pretraining pool holds a share of them, captioned ``on a background`
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from .render import BACKGROUNDS, COLORS, PLAIN_BACKGROUNDS, SHAPES, STYLES, Background, Style, color_distance
@@ -26,11 +28,14 @@ PATTERNS: tuple[str, ...] = ("plain", "stripes", "dots", "checks", "grid", "moti
 PERIODS: tuple[float, ...] = (1 / 4, 1 / 5, 1 / 6, 1 / 8, 1 / 10)
 
 
-def _concept_recipes() -> tuple[set, set]:
+@lru_cache(maxsize=1)
+def _concept_recipes() -> tuple[frozenset, frozenset]:
+    """The personal concepts' style and background recipes (``CONCEPTS`` is a constant tuple,
+    so they are gathered once, not on every draw)."""
     from .concepts import CONCEPTS
 
-    return ({c.style for c in CONCEPTS if c.style is not None},
-            {c.background for c in CONCEPTS if c.background is not None})
+    return (frozenset(c.style for c in CONCEPTS if c.style is not None),
+            frozenset(c.background for c in CONCEPTS if c.background is not None))
 
 
 def sample_novel_style(rng: np.random.Generator) -> Style:
