@@ -1,5 +1,5 @@
 """The shipped tiny-world CLIP evaluator (src/cns/world/weights/evaluator): it loads offline as a
-plain transformers CLIPModel + CLIPProcessor, is small, classifies shape and color of fresh
+plain transformers dual encoder (AutoModel) + CLIPProcessor, is small, classifies shape and color of fresh
 renders zero-shot, and tells a personal concept's images from plain members of its class."""
 
 from __future__ import annotations
@@ -35,12 +35,13 @@ def scorer():
     return ClipScorer.from_pretrained(str(EVALUATOR_PATH), device="cpu")
 
 
-def test_weights_are_small_and_load_as_plain_clip():
-    from transformers import CLIPModel, CLIPProcessor
+def test_weights_are_small_and_load_as_plain_transformers():
+    from transformers import AutoModel, CLIPProcessor
 
     size = sum(f.stat().st_size for f in EVALUATOR_PATH.iterdir() if f.is_file())
     assert size <= 10 * 1024 * 1024
-    model = CLIPModel.from_pretrained(str(EVALUATOR_PATH)).float()
+    model = AutoModel.from_pretrained(str(EVALUATOR_PATH)).float()
+    assert hasattr(model, "get_image_features") and hasattr(model, "get_text_features")
     assert all(p.dtype == torch.float32 for p in model.parameters())
     processor = CLIPProcessor.from_pretrained(str(EVALUATOR_PATH))
     image = render(eval_scenes(1, "train", seed=7)[0], 32)  # the processor resizes to the model's size
@@ -54,17 +55,17 @@ def test_weights_are_small_and_load_as_plain_clip():
     assert tokenizer.unk_token_id not in ids and tokenizer.eos_token_id not in ids
 
 
-def test_zero_shot_shape_and_color_on_fresh_renders(scorer):
+def test_zero_shot_attributes_on_fresh_renders(scorer):
     scenes = eval_scenes(40, "train", seed=2024)
     accuracy = attribute_report(scorer, scenes)
-    assert accuracy["shape"] >= 0.9, accuracy
-    assert accuracy["color"] >= 0.9, accuracy
+    assert accuracy["shape"] >= 0.95 and accuracy["background"] >= 0.95, accuracy
+    assert accuracy["color"] >= 0.875 and accuracy["style"] >= 0.875, accuracy
 
 
 def test_zero_shot_on_held_out_combinations(scorer):
     scenes = eval_scenes(20, "heldout", seed=2024)
     accuracy = attribute_report(scorer, scenes)
-    assert accuracy["shape"] >= 0.9 and accuracy["color"] >= 0.9, accuracy
+    assert accuracy["shape"] >= 0.9 and accuracy["color"] >= 0.9 and accuracy["style"] >= 0.85, accuracy
 
 
 def test_concept_images_are_closer_to_each_other_than_to_their_class(scorer):
