@@ -1,10 +1,14 @@
-"""The tiny world's CLIP evaluator: a small ``transformers.CLIPModel`` trained on rendered scenes.
+"""The tiny world's CLIP evaluator: a small CLIP-style dual encoder trained contrastively on
+rendered scenes, a ``transformers.VisionTextDualEncoderModel`` with an EfficientNet image tower
+and a CLIP text tower (``EvaluatorConfig``; ``image_tower="vit"`` gives a plain ``CLIPModel``,
+the first evaluator's architecture, whose 16 px patches could not read the styles).
 
 It plays the part real CLIP plays for Stable Diffusion: CLIP-I (image-image cosine), CLIP-T
 (image-prompt cosine) and zero-shot attribute classification of generated images, loaded with
 ``cns.evaluation.ClipScorer.from_pretrained(EVALUATOR_PATH)`` like any CLIP checkpoint.
 
-Training (``python -m cns.world.evaluator train --out DIR --steps N --seed S``):
+Training (``python -m cns.world.evaluator train --out DIR --steps N --seed S``; the defaults and
+``--tokenizer src/cns/world/weights/evaluator`` reproduce the shipped weights):
 
 - data: a pool of rendered scenes (pre-rendered once, cached on disk, reused across epochs)
   drawn from the whole base world (both sampler splits, so held-out (class, color) and
@@ -400,7 +404,7 @@ class EvaluatorConfig:
     convolutions see the styles' strokes and pixel cells that 16 px ViT patches blur
     (docs/world/quality.md)."""
 
-    image_tower: str = "vit"
+    image_tower: str = "efficientnet"  # the shipped evaluator's; "vit" was the first one's (until 2026-12-05)
     vision_hidden: int = 192
     vision_layers: int = 4
     vision_heads: int = 6
@@ -780,10 +784,10 @@ def save_evaluator(model, processor, out: str | Path, max_mb: float = 10.0) -> P
 
 def train(
     out: str | Path,
-    steps: int = 3000,
+    steps: int = 6000,
     seed: int = 0,
     batch_size: int = 64,
-    lr: float = 5e-4,
+    lr: float = 1e-3,
     attribute_weight: float = 1.0,
     head_weight: float = 1.0,
     weight_decay: float = 0.05,
@@ -801,7 +805,7 @@ def train(
     pool_versions: Sequence[int] = POOL_VERSIONS,
     head_set: str = "full",
     init_from: str | Path | None = None,
-    low_res_fraction: float = 0.0,
+    low_res_fraction: float = 0.3,
     low_res_size: int = 32,
 ) -> Path:
     """Train the evaluator and save it to ``out``. Deterministic for a seed (batches and texts
@@ -1088,10 +1092,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train and save the evaluator")
     t.add_argument("--out", default=str(EVALUATOR_PATH))
-    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--steps", type=int, default=6000)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the ViT tower used 5e-4)")
     t.add_argument("--attribute-weight", type=float, default=1.0,
                    help="weight of the zero-shot attribute-prompt loss added to the caption InfoNCE")
     t.add_argument("--head-weight", type=float, default=1.0,
@@ -1107,7 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--image-tower", default=EvaluatorConfig.image_tower, choices=IMAGE_TOWERS,
                    help="vit: a CLIPModel; efficientnet: a VisionTextDualEncoderModel with an EfficientNet "
                         "tower (a new model only)")
-    t.add_argument("--low-res-fraction", type=float, default=0.0,
+    t.add_argument("--low-res-fraction", type=float, default=0.3,
                    help="share of each batch shown at --low-res-size px and back (the generator's resolution)")
     t.add_argument("--low-res-size", type=int, default=32)
     t.add_argument("--heads", default="full", choices=sorted(HEAD_SETS), help="auxiliary head set")
