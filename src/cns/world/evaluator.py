@@ -1107,7 +1107,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated training pool versions (1: base recipes only; 2: also unnamed "
                         "style/background recipes and recolored creature parts)")
     t.add_argument("--patch-size", type=int, default=EvaluatorConfig.patch_size,
-                   help="ViT patch size in pixels of the 64 px input (a new model only)")
+                   help="ViT patch size in pixels of the 64 px input (--image-tower vit, a new model only)")
     t.add_argument("--image-tower", default=EvaluatorConfig.image_tower, choices=IMAGE_TOWERS,
                    help="vit: a CLIPModel; efficientnet: a VisionTextDualEncoderModel with an EfficientNet "
                         "tower (a new model only)")
