@@ -175,7 +175,7 @@ def test_continual_metrics_edge_cases():
 
 
 # ---------------------------------------------------------------------------
-# ClipScorer on tiny random dual encoders: a CLIPModel and a EfficientNet VisionTextDualEncoderModel
+# ClipScorer on tiny random dual encoders: a CLIPModel and an EfficientNet VisionTextDualEncoderModel
 # ---------------------------------------------------------------------------
 
 WORDS = ["a", "photo", "of", "red", "star", "dog", ","]

@@ -162,19 +162,13 @@ def save_tiny_clip(path: str | Path, words, seed: int = 0, image_tower: str = "v
                 num_attention_heads=2, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if image_tower == "efficientnet":
-        from transformers import (CLIPTextConfig, EfficientNetConfig, VisionTextDualEncoderConfig,
-                                  VisionTextDualEncoderModel)
-
-        from .world.evaluator import reset_to_torch_defaults
+        from .world.evaluator import EvaluatorConfig, build_model
 
         # width 1/80: every stage 8 channels, the top 16 (EfficientNet scales channels by it)
-        vision = EfficientNetConfig(image_size=16, width_coefficient=0.0125, depth_coefficient=1.0,
-                                    in_channels=[32, 32], out_channels=[32, 64], strides=[1, 2],
-                                    num_block_repeats=[1, 1], kernel_sizes=[3, 3], expand_ratios=[1, 2],
-                                    hidden_dim=16, hidden_size=16, pooling_type="max", batch_norm_momentum=0.1)
-        model = VisionTextDualEncoderModel(VisionTextDualEncoderConfig.from_vision_text_configs(
-            vision, CLIPTextConfig(**text), projection_dim=8))
-        reset_to_torch_defaults(model.vision_model)
+        model = build_model(tokenizer, EvaluatorConfig(
+            image_tower="efficientnet", text_hidden=16, text_mlp=32, text_layers=1, text_heads=2, projection_dim=8,
+            effnet_width=0.0125, effnet_in=(32, 32), effnet_out=(32, 64), effnet_strides=(1, 2),
+            effnet_repeats=(1, 1), effnet_expand=(1, 2)))
     elif image_tower == "vit":
         model = CLIPModel(CLIPConfig(
             text_config=text,

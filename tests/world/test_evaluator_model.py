@@ -1,4 +1,4 @@
-"""The evaluator's architectures (`cns.world.evaluator.build_model`): a ViT ``CLIPModel`` or a
+"""The evaluator's architectures (`cns.world.evaluator.build_model`): a ViT ``CLIPModel`` or an
 EfficientNet ``VisionTextDualEncoderModel``, both saved by `save_evaluator` and loaded back by
 ``ClipScorer.from_pretrained`` like any CLIP checkpoint, and both trainable by the evaluator's loss."""
 

@@ -439,12 +439,6 @@ def reset_to_torch_defaults(module) -> None:
             layer.reset_parameters()
 
 
-def _round_channels(n: float, divisor: int = 8) -> int:
-    """EfficientNet's channel rounding (``round_filters`` in transformers) of ``n`` channels."""
-    out = max(divisor, int(n + divisor / 2) // divisor * divisor)
-    return int(out + divisor if out < 0.9 * n else out)
-
-
 def build_tokenizer(save_to: str | Path | None = None):
     """The evaluator's CLIP tokenizer: caption vocabulary + prompt words + ASCII characters."""
     from cns.world.tokenizer import build_clip_tokenizer
@@ -496,15 +490,17 @@ def build_model(tokenizer, config: EvaluatorConfig = EvaluatorConfig()):
         from transformers import (CLIPTextConfig, EfficientNetConfig, VisionTextDualEncoderConfig,
                                   VisionTextDualEncoderModel)
 
-        w = config.effnet_width
-        top = _round_channels(1280 * w)
+        from transformers.models.efficientnet.modeling_efficientnet import round_filters
+
         vision = EfficientNetConfig(
-            num_channels=3, image_size=IMAGE_SIZE, width_coefficient=w, depth_coefficient=1.0,
+            num_channels=3, image_size=IMAGE_SIZE, width_coefficient=config.effnet_width, depth_coefficient=1.0,
             in_channels=list(config.effnet_in), out_channels=list(config.effnet_out),
             strides=list(config.effnet_strides), num_block_repeats=list(config.effnet_repeats),
             kernel_sizes=[3] * len(config.effnet_in), expand_ratios=list(config.effnet_expand),
-            hidden_dim=top, hidden_size=top, pooling_type=config.effnet_pooling, batch_norm_momentum=0.1,
-            drop_connect_rate=0.0, dropout_rate=0.0)
+            pooling_type=config.effnet_pooling, batch_norm_momentum=0.1, drop_connect_rate=0.0, dropout_rate=0.0)
+        # The top convolution has round_filters(1280) channels, and its BatchNorm hidden_dim: they
+        # must agree. ``hidden_size`` (the pooled width) is what the dual encoder's projection reads.
+        vision.hidden_dim = vision.hidden_size = round_filters(vision, 1280)
         dual = VisionTextDualEncoderConfig.from_vision_text_configs(
             vision, CLIPTextConfig(**text), projection_dim=config.projection_dim)
         model = VisionTextDualEncoderModel(dual)
