@@ -4,6 +4,8 @@ renders zero-shot, and tells a personal concept's images from plain members of i
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from cns.world.evaluator import (
     EVALUATOR_PATH,
     IMAGE_SIZE,
     PROMPT_WORDS,
+    attribute_is_visible,
     attribute_report,
     class_scenes,
     concept_scores,
@@ -21,7 +24,7 @@ from cns.world.evaluator import (
     sample_description,
     sample_training_scene,
 )
-from cns.world.render import render, vocabulary_words
+from cns.world.render import Decoration, ObjectSpec, Scene, render, vocabulary_words
 
 pytestmark = pytest.mark.skipif(
     not (EVALUATOR_PATH / "model.safetensors").exists(),
@@ -66,6 +69,34 @@ def test_zero_shot_on_held_out_combinations(scorer):
     scenes = eval_scenes(20, "heldout", seed=2024)
     accuracy = attribute_report(scorer, scenes)
     assert accuracy["shape"] >= 0.9 and accuracy["color"] >= 0.9 and accuracy["style"] >= 0.85, accuracy
+
+
+def test_attribute_is_visible():
+    square = Scene((ObjectSpec("square", "red", "big", "center"),), "gray", "flat")
+    circle = replace(square, objects=(ObjectSpec("circle", "red", "big", "center"),))
+    bordered = replace(square, objects=(replace(square.objects[0], decorations=(Decoration("border", "blue"),)),))
+    # a flat or pixelated square shows no style; other shapes and styles do
+    assert not attribute_is_visible(square, "style") and not attribute_is_visible(replace(square, style="pixelated"), "style")
+    assert attribute_is_visible(replace(square, style="outline"), "style") and attribute_is_visible(circle, "style")
+    # a blue border is all that outline style draws of a red square
+    assert attribute_is_visible(square, "color") and attribute_is_visible(bordered, "color")
+    assert not attribute_is_visible(replace(bordered, style="outline"), "color")
+    assert all(attribute_is_visible(replace(bordered, style="outline"), a) for a in ("shape", "background"))
+    with pytest.raises(ValueError):
+        attribute_is_visible(square, "size")
+
+
+def test_zero_shot_on_renders_that_show_their_labels(scorer):
+    scenes = eval_scenes(40, "train", seed=2024)
+    everything = attribute_report(scorer, scenes)
+    accuracy = attribute_report(scorer, scenes, visible_only=True)
+    # every color error of these 40 renders is a color covering less than half of its object
+    assert accuracy["color"] >= 0.95 > everything["color"], (accuracy, everything)
+    assert accuracy["shape"] >= 0.95 and accuracy["background"] >= 0.95 and accuracy["style"] >= 0.85, accuracy
+    # no render left to score: not a number, not a perfect score
+    square = Scene((ObjectSpec("square", "red", "big", "center"),), "gray", "flat")
+    alone = attribute_report(scorer, [square], visible_only=True)
+    assert np.isnan(alone["style"]) and alone["shape"] == 1.0
 
 
 def test_concept_images_are_closer_to_each_other_than_to_their_class(scorer):

@@ -111,3 +111,36 @@ def test_efficientnet_tower_starts_with_live_activations(tokenizer, scenes):
 def test_unknown_tower_is_refused(tokenizer):
     with pytest.raises(ValueError, match="image_tower"):
         build_model(tokenizer, EvaluatorConfig(image_tower="resnet"))
+
+
+def test_train_saves_a_loadable_evaluator_deterministically_and_resumes(tmp_path, capsys, monkeypatch):
+    import cns.world.evaluator as evaluator
+    from cns.evaluation.metrics import projected_features
+
+    pool = eval_scenes(16, "train", seed=5)  # a rendered pool of 16 scenes instead of 500-scene chunks
+    pool_images = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in pool])
+    monkeypatch.setattr(evaluator, "build_pool", lambda n, *args, **kwargs: (pool[: n], pool_images[: n]))
+
+    def run(cache):
+        return evaluator.train(tmp_path / f"out_{cache}", steps=3, batch_size=8, pool_size=32,
+                               cache_dir=tmp_path / cache, config=EvaluatorConfig(image_tower="efficientnet", **SMALL),
+                               progress=False, eval_every=0, checkpoint_every=1,
+                               tokenizer_path=evaluator.EVALUATOR_PATH)
+
+    images = [render(s, IMAGE_SIZE) for s in eval_scenes(4, "train", seed=3)]
+    first = ClipScorer.from_pretrained(str(run("a")), device="cpu")
+    assert "resuming" not in capsys.readouterr().out
+    # training moved the weights away from the seed's initialisation
+    torch.manual_seed(0)
+    init = build_model(first.processor.tokenizer, EvaluatorConfig(image_tower="efficientnet", **SMALL)).eval()
+    with torch.no_grad():
+        init_emb = torch.nn.functional.normalize(projected_features(init.get_image_features(
+            pixel_values=first.processor(images=images, return_tensors="pt")["pixel_values"])), dim=-1)
+    assert not torch.allclose(first.image_embeddings(images), init_emb, atol=1e-3)
+    # the same seed from scratch (a fresh cache) gives the same weights
+    second = ClipScorer.from_pretrained(str(run("b")), device="cpu")
+    assert torch.allclose(first.image_embeddings(images), second.image_embeddings(images), atol=1e-6)
+    # a finished run, asked again with the same settings, resumes at its last checkpoint
+    again = ClipScorer.from_pretrained(str(run("a")), device="cpu")
+    assert "resuming from step 3" in capsys.readouterr().out
+    assert torch.allclose(first.image_embeddings(images), again.image_embeddings(images), atol=1e-6)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cns.world.render import (
+    AXIS_ALIGNED_SHAPES,
     BACKGROUNDS,
     COLORS,
     CREATURES,
@@ -29,6 +30,7 @@ from cns.world.render import (
     contact_sheet,
     has_enough_contrast,
     is_held_out,
+    named_color_share,
     object_looks,
     parse_caption,
     render,
@@ -150,6 +152,31 @@ def test_pixelated_style_has_blocky_edges():
     pix = pixels(render(replace(scene, style="pixelated"), 64))[..., 0]
     # A pixelated circle has long straight edge runs: fewer distinct row profiles.
     assert len({tuple(r > 128) for r in pix}) < len({tuple(r > 128) for r in flat})
+
+
+def test_axis_aligned_shapes_look_alike_flat_and_pixelated():
+    # pixelation changes a circle's outline but leaves a square's (only its side snaps to the grid)
+    def flat_vs_pixelated(shape):
+        scene = Scene((ObjectSpec(shape, "white", "big", "center"),), "navy", "flat")
+        flat = pixels(render(scene, 64))[..., 0] > 128
+        pix = pixels(render(replace(scene, style="pixelated"), 64))[..., 0] > 128
+        return len({tuple(r) for r in pix}) / len({tuple(r) for r in flat})
+
+    assert all(flat_vs_pixelated(s) >= 0.99 for s in AXIS_ALIGNED_SHAPES)
+    assert flat_vs_pixelated("circle") < 0.8 and flat_vs_pixelated("diamond") < 0.8
+
+
+def test_named_color_share():
+    plain = ObjectSpec("square", "red", "big", "center")
+    assert named_color_share(plain, "flat") == pytest.approx(1.0)
+    assert named_color_share(plain, "outline") == pytest.approx(1.0)
+    half = replace(plain, decorations=(Decoration("half", "blue"),))
+    assert 0.4 < named_color_share(half, "flat") < 0.6
+    dots = replace(plain, decorations=(Decoration("dots", "blue"),))
+    assert 0.6 < named_color_share(dots, "flat") < 1.0
+    # a border covers the outline, which is all that outline style draws of the body
+    border = replace(plain, decorations=(Decoration("border", "blue"),))
+    assert named_color_share(border, "outline") < 0.3 < named_color_share(border, "flat")
 
 
 def test_caption_example():

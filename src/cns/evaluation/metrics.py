@@ -98,7 +98,7 @@ class ClipScorer:
         for start in range(0, len(images), self.batch_size):
             batch = self.processor(images=images[start : start + self.batch_size], return_tensors="pt")
             pixels = batch["pixel_values"].to(self.device, torch.float32)
-            emb = _features(self.model.get_image_features(pixel_values=pixels))
+            emb = projected_features(self.model.get_image_features(pixel_values=pixels))
             out.append(torch.nn.functional.normalize(emb.float(), dim=-1).cpu())
         return torch.cat(out)
 
@@ -115,7 +115,7 @@ class ClipScorer:
         for start in range(0, len(texts), self.batch_size):
             batch = tokenizer(texts[start : start + self.batch_size], padding=True, truncation=True,
                               return_tensors="pt")
-            emb = _features(self.model.get_text_features(
+            emb = projected_features(self.model.get_text_features(
                 input_ids=batch["input_ids"].to(self.device),
                 attention_mask=batch["attention_mask"].to(self.device),
             ))
@@ -123,8 +123,9 @@ class ClipScorer:
         return torch.cat(out)
 
 
-def _features(output) -> torch.Tensor:
-    """get_*_features returns a tensor (transformers 4) or an output with pooler_output (5)."""
+def projected_features(output) -> torch.Tensor:
+    """The embedding in what ``get_image_features`` / ``get_text_features`` return: a tensor
+    (transformers 4) or an output whose ``pooler_output`` holds it (transformers 5)."""
     if isinstance(output, torch.Tensor):
         return output
     return output.pooler_output

@@ -48,6 +48,7 @@ import numpy as np
 from cns.world.dataset import CHUNK
 from cns.world.recipes import PALETTE, PATTERNS, STYLE_FILLS, sample_novel_background, sample_novel_style
 from cns.world.render import (
+    AXIS_ALIGNED_SHAPES,
     BACKGROUNDS,
     Background,
     Style,
@@ -69,6 +70,7 @@ from cns.world.render import (
     decoration_phrase,
     has_enough_contrast,
     is_held_out,
+    named_color_share,
     render,
     sample_object,
     sample_scene,
@@ -140,6 +142,24 @@ def scene_attribute(scene: Scene, attribute: str) -> str:
     """The true label of a single-object scene for one attribute."""
     obj = scene.objects[0]
     return {"shape": obj.shape, "color": obj.color, "background": scene.background, "style": scene.style}[attribute]
+
+
+def attribute_is_visible(scene: Scene, attribute: str) -> bool:
+    """Whether a single-object render shows its true label for one attribute unambiguously.
+
+    Two kinds of render do not: a color that covers less than half of the object (a border or
+    stripes of a second color can cover more; `named_color_share`), and a flat or pixelated
+    object of an axis-aligned shape (a pixelated square is a square; `AXIS_ALIGNED_SHAPES`).
+    Shape and background are always visible.
+    """
+    obj = scene.objects[0]
+    if attribute == "color":
+        return named_color_share(obj, scene.style) >= 0.5
+    if attribute == "style":
+        return not (scene.style in ("flat", "pixelated") and obj.shape in AXIS_ALIGNED_SHAPES)
+    if attribute not in ATTRIBUTE_LABELS:
+        raise ValueError(f"unknown attribute {attribute!r}")
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -551,10 +571,6 @@ def at_resolution(images: np.ndarray, size: int) -> np.ndarray:
                      for im in resize_images(images, size)])
 
 
-def _features(output):
-    return output if not hasattr(output, "pooler_output") else output.pooler_output
-
-
 def _soft_cross_entropy(logits, targets):
     """Cross-entropy of each row against the uniform distribution over its positives
     (rows without a positive are left out)."""
@@ -747,16 +763,18 @@ class _Monitor:
         self.torch = torch
 
     def __call__(self, model) -> str:
+        from cns.evaluation.metrics import projected_features
+
         torch = self.torch
         was_training = model.training
         model.eval()
         with torch.no_grad():
-            prompts = {attribute: torch.nn.functional.normalize(_features(model.get_text_features(
+            prompts = {attribute: torch.nn.functional.normalize(projected_features(model.get_text_features(
                 input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])), dim=-1)
                 for attribute, (_, tok) in self.tokens.items()}
             parts = []
             for pixels, suffix in ((self.pixels, ""), (self.low_pixels, f" ({self.low_res_size} px)")):
-                img = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
+                img = torch.nn.functional.normalize(projected_features(model.get_image_features(pixel_values=pixels)), dim=-1)
                 for attribute, (labels, _) in self.tokens.items():
                     pred = (img @ prompts[attribute].T).argmax(1).tolist()
                     acc = np.mean([labels[p] == scene_attribute(s, attribute) for p, s in zip(pred, self.scenes)])
@@ -812,6 +830,7 @@ def train(
     renders reads their style poorly."""
     import torch
 
+    from cns.evaluation.metrics import projected_features
     from cns.world.checkpoints import load_checkpoint, read_checkpoint_info, save_checkpoint
     from tqdm import tqdm
     from transformers import CLIPTokenizer
@@ -895,13 +914,13 @@ def train(
         if low_res_fraction:
             low = rng.random(len(idx)) < low_res_fraction
             batch_images[low] = at_resolution(batch_images[low], low_res_size)
-        image_emb = _features(model.get_image_features(pixel_values=pixel_values(batch_images)))
-        text_emb = _features(model.get_text_features(input_ids=tokens["input_ids"],
-                                                     attention_mask=tokens["attention_mask"]))
+        image_emb = projected_features(model.get_image_features(pixel_values=pixel_values(batch_images)))
+        text_emb = projected_features(model.get_text_features(input_ids=tokens["input_ids"],
+                                                              attention_mask=tokens["attention_mask"]))
         loss = contrastive_loss(image_emb, text_emb, model.logit_scale, matches)
         if attribute_weight:
-            prompt_emb = _features(model.get_text_features(input_ids=prompt_tokens["input_ids"],
-                                                           attention_mask=prompt_tokens["attention_mask"]))
+            prompt_emb = projected_features(model.get_text_features(input_ids=prompt_tokens["input_ids"],
+                                                                    attention_mask=prompt_tokens["attention_mask"]))
             loss = loss + attribute_weight * attribute_loss(image_emb, prompt_emb, model.logit_scale,
                                                             attribute_targets(batch_scenes), slices)
         if head_weight:
@@ -938,8 +957,10 @@ def eval_scenes(n: int, split: str, seed: int = 1000) -> list[Scene]:
     return [sample_scene(rng, split, n_objects=1) for _ in range(n)]
 
 
-def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence] = None) -> dict[str, float]:
-    """Zero-shot accuracy per attribute (shape, color, background, style) on single-object scenes."""
+def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence] = None,
+                     visible_only: bool = False) -> dict[str, float]:
+    """Zero-shot accuracy per attribute (shape, color, background, style) on single-object scenes;
+    with ``visible_only``, each attribute over the scenes where `attribute_is_visible`."""
     from cns.evaluation.metrics import attribute_accuracy
 
     if images is None:
@@ -948,8 +969,12 @@ def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence]
     report = {}
     for attribute in ATTRIBUTE_LABELS:
         labels, prompts = attribute_prompts(attribute)
-        truth = [scene_attribute(s, attribute) for s in scenes]
-        _, report[attribute] = attribute_accuracy(emb, labels, prompts, scorer, true_labels=truth)
+        keep = [k for k, s in enumerate(scenes) if not visible_only or attribute_is_visible(s, attribute)]
+        if not keep:
+            report[attribute] = float("nan")
+            continue
+        truth = [scene_attribute(scenes[k], attribute) for k in keep]
+        _, report[attribute] = attribute_accuracy(emb[keep], labels, prompts, scorer, true_labels=truth)
     return report
 
 
@@ -1050,7 +1075,7 @@ def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 
           f"(target >= {TARGET_ACCURACY:.0%})")
     print(f"{'split':<9}" + "".join(f"{a:>12}" for a in ATTRIBUTE_LABELS))
     ok = True
-    low_res = {}
+    low_res, visible = {}, {}
     for split in ("train", "heldout"):
         scenes = eval_scenes(n, split, seed)
         renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in scenes])
@@ -1058,8 +1083,14 @@ def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 
         result["attributes"][split] = acc
         ok &= all(v >= TARGET_ACCURACY for v in acc.values())
         print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))
+        visible[split] = (attribute_report(scorer, scenes, [Image.fromarray(im) for im in renders], visible_only=True),
+                          {a: sum(attribute_is_visible(s, a) for s in scenes) for a in ATTRIBUTE_LABELS})
         low_res[split] = attribute_report(scorer, scenes,
                                           [Image.fromarray(im) for im in at_resolution(renders, low_res_size)])
+    print("the same renders, only those that show the label (attribute_is_visible; renders kept in brackets):")
+    for split, (acc, kept) in visible.items():
+        result["attributes"][f"{split}_visible"] = acc
+        print(f"{split:<9}" + "".join(f"{acc[a]:>6.3f} ({kept[a]:>3})" for a in ATTRIBUTE_LABELS))
     print(f"the same renders at the generator's {low_res_size} px (downsampled, then resized back by the processor):")
     for split, acc in low_res.items():
         result["attributes"][f"{split}_{low_res_size}px"] = acc

@@ -63,6 +63,9 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
               "scheduler": type(pipe.scheduler).__name__,
               "single_object": attribute_report(scorer, single, single_images)}
     report["single_object"]["mean"] = float(np.mean(list(report["single_object"].values())))
+    # the same, each attribute over the prompts whose true render shows it (evaluator.attribute_is_visible)
+    report["single_object_visible"] = attribute_report(scorer, single, single_images, visible_only=True)
+    report["single_object_visible"]["mean"] = float(np.nanmean(list(report["single_object_visible"].values())))
     renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in single])
     report["reference_renders"] = attribute_report(  # the evaluator on true renders
         scorer, single, [Image.fromarray(im) for im in renders])

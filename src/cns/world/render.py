@@ -121,6 +121,11 @@ STYLES: dict[str, Style] = {
     "hatched": Style(fill="hatch", outlines=1),
 }
 
+# Shapes drawn with only horizontal and vertical edges. Pixelated style snaps edges to the pixel
+# grid, which leaves these as they are: a flat and a pixelated square differ only in a side snapped
+# to the cell size (about one pixel at 64 px).
+AXIS_ALIGNED_SHAPES: tuple[str, ...] = ("square", "cross")
+
 # Attribute combinations that pretraining (split="train") never shows.
 HELD_OUT_CLASS_COLOR: frozenset[tuple[str, str]] = frozenset(
     {
@@ -682,6 +687,27 @@ def _styled_mask(mask: np.ndarray, style: Style, r: float, min_px: float) -> np.
         fill = np.maximum(fill, inner - eroded)
         inner = erode(eroded, thickness)  # gap before the next outline
     return fill.astype(np.float32)
+
+
+def named_color_share(obj: ObjectSpec, style: Union[str, Style], size: int = 64) -> float:
+    """Share of an object's drawn area painted in its named color, before pixelation.
+
+    Decorations and recolored creature parts cover the rest: an undecorated object is 1.0, a
+    "half" decoration about 0.5, and a border in outline style about 0.15, because the border
+    covers the outline that is the whole drawn body. Below 0.5 the caption's color is not the
+    object's main color, and a reader (or a zero-shot classifier) may fairly call it otherwise.
+    """
+    side = size * SUPERSAMPLE
+    covered = np.zeros((side, side), np.float32)
+    named = total = 0.0
+    target = COLORS[obj.color]
+    for mask, rgb in reversed(_object_layers(obj, style_recipe(style), side)):  # topmost layer first
+        visible = np.clip(mask, 0.0, 1.0) * (1.0 - covered)
+        area = float(visible.sum())
+        total += area
+        named += area if tuple(rgb) == tuple(target) else 0.0
+        covered += visible
+    return named / total if total else 0.0
 
 
 def object_center_radius(obj: ObjectSpec, side: int) -> tuple[float, float, float]:
