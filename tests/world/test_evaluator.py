@@ -4,8 +4,6 @@ renders zero-shot, and tells a personal concept's images from plain members of i
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -16,7 +14,6 @@ from cns.world.evaluator import (
     EVALUATOR_PATH,
     IMAGE_SIZE,
     PROMPT_WORDS,
-    attribute_is_visible,
     attribute_report,
     class_scenes,
     concept_scores,
@@ -24,7 +21,7 @@ from cns.world.evaluator import (
     sample_description,
     sample_training_scene,
 )
-from cns.world.render import Decoration, ObjectSpec, Scene, render, vocabulary_words
+from cns.world.render import ObjectSpec, Scene, render, vocabulary_words
 
 pytestmark = pytest.mark.skipif(
     not (EVALUATOR_PATH / "model.safetensors").exists(),
@@ -71,25 +68,12 @@ def test_zero_shot_on_held_out_combinations(scorer):
     assert accuracy["shape"] >= 0.9 and accuracy["color"] >= 0.9 and accuracy["style"] >= 0.85, accuracy
 
 
-def test_attribute_is_visible():
-    square = Scene((ObjectSpec("square", "red", "big", "center"),), "gray", "flat")
-    circle = replace(square, objects=(ObjectSpec("circle", "red", "big", "center"),))
-    bordered = replace(square, objects=(replace(square.objects[0], decorations=(Decoration("border", "blue"),)),))
-    # a flat or pixelated square shows no style; other shapes and styles do
-    assert not attribute_is_visible(square, "style") and not attribute_is_visible(replace(square, style="pixelated"), "style")
-    assert attribute_is_visible(replace(square, style="outline"), "style") and attribute_is_visible(circle, "style")
-    # a blue border is all that outline style draws of a red square
-    assert attribute_is_visible(square, "color") and attribute_is_visible(bordered, "color")
-    assert not attribute_is_visible(replace(bordered, style="outline"), "color")
-    assert all(attribute_is_visible(replace(bordered, style="outline"), a) for a in ("shape", "background"))
-    with pytest.raises(ValueError):
-        attribute_is_visible(square, "size")
-
-
 def test_zero_shot_on_renders_that_show_their_labels(scorer):
     scenes = eval_scenes(40, "train", seed=2024)
     everything = attribute_report(scorer, scenes)
-    accuracy = attribute_report(scorer, scenes, visible_only=True)
+    embeddings = scorer.image_embeddings([render(s, IMAGE_SIZE) for s in scenes])
+    assert attribute_report(scorer, scenes, embeddings=embeddings) == everything
+    accuracy = attribute_report(scorer, scenes, embeddings=embeddings, visible_only=True)
     # every color error of these 40 renders is a color covering less than half of its object
     assert accuracy["color"] >= 0.95 > everything["color"], (accuracy, everything)
     assert accuracy["shape"] >= 0.95 and accuracy["background"] >= 0.95 and accuracy["style"] >= 0.85, accuracy

@@ -140,7 +140,19 @@ def test_train_saves_a_loadable_evaluator_deterministically_and_resumes(tmp_path
     # the same seed from scratch (a fresh cache) gives the same weights
     second = ClipScorer.from_pretrained(str(run("b")), device="cpu")
     assert torch.allclose(first.image_embeddings(images), second.image_embeddings(images), atol=1e-6)
-    # a finished run, asked again with the same settings, resumes at its last checkpoint
-    again = ClipScorer.from_pretrained(str(run("a")), device="cpu")
-    assert "resuming from step 3" in capsys.readouterr().out
-    assert torch.allclose(first.image_embeddings(images), again.image_embeddings(images), atol=1e-6)
+    # a run stopped after step 2 resumes from its checkpoint and ends with the same weights
+    losses = []
+
+    def stop_at_step_3(*args):
+        losses.append(None)
+        if len(losses) == 3:
+            raise KeyboardInterrupt
+        return contrastive_loss(*args)
+
+    monkeypatch.setattr(evaluator, "contrastive_loss", stop_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run("c")
+    monkeypatch.setattr(evaluator, "contrastive_loss", contrastive_loss)
+    resumed = ClipScorer.from_pretrained(str(run("c")), device="cpu")
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert torch.allclose(first.image_embeddings(images), resumed.image_embeddings(images), atol=1e-6)

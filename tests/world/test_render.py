@@ -154,29 +154,79 @@ def test_pixelated_style_has_blocky_edges():
     assert len({tuple(r > 128) for r in pix}) < len({tuple(r > 128) for r in flat})
 
 
-def test_axis_aligned_shapes_look_alike_flat_and_pixelated():
-    # pixelation changes a circle's outline but leaves a square's (only its side snaps to the grid)
-    def flat_vs_pixelated(shape):
-        scene = Scene((ObjectSpec(shape, "white", "big", "center"),), "navy", "flat")
-        flat = pixels(render(scene, 64))[..., 0] > 128
-        pix = pixels(render(replace(scene, style="pixelated"), 64))[..., 0] > 128
-        return len({tuple(r) for r in pix}) / len({tuple(r) for r in flat})
+def _flat_and_pixelated_masks(shape, size, position):
+    scene = Scene((ObjectSpec(shape, "white", size, position),), "navy", "flat")
+    return [pixels(render(replace(scene, style=style), 64))[..., 0] > 128 for style in ("flat", "pixelated")]
 
-    assert all(flat_vs_pixelated(s) >= 0.99 for s in AXIS_ALIGNED_SHAPES)
-    assert flat_vs_pixelated("circle") < 0.8 and flat_vs_pixelated("diamond") < 0.8
+
+def _profiles(mask):
+    """Distinct non-empty row and column patterns, and the bounding box's width and height."""
+    rows, cols = {tuple(r) for r in mask if r.any()}, {tuple(c) for c in mask.T if c.any()}
+    xs, ys = np.nonzero(mask.any(0))[0], np.nonzero(mask.any(1))[0]
+    return len(rows), len(cols), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+
+
+@pytest.mark.parametrize("size", ["small", "big"])
+@pytest.mark.parametrize("position", ["left", "center"])
+def test_pixelation_keeps_axis_aligned_outlines(size, position):
+    assert set(AXIS_ALIGNED_SHAPES) == {"square", "cross"}
+    cell = 64 / STYLES["pixelated"].pixel_cells
+    # a square stays a rectangle (one row and one column pattern) whose sides snap by under a cell
+    flat, pix = (_profiles(m) for m in _flat_and_pixelated_masks("square", size, position))
+    assert flat[:2] == pix[:2] == (1, 1)
+    assert abs(flat[2] - pix[2]) <= cell and abs(flat[3] - pix[3]) <= cell
+    # a cross stays a few bars (a snapped arm can leave one step)
+    flat, pix = (_profiles(m) for m in _flat_and_pixelated_masks("cross", size, position))
+    assert max(flat[:2]) <= 4 and max(pix[:2]) <= 5
+    assert abs(flat[2] - pix[2]) <= cell and abs(flat[3] - pix[3]) <= cell
+    # curved and slanted outlines turn into a few steps
+    for shape in ("circle", "diamond", "star"):
+        flat, pix = (_profiles(m) for m in _flat_and_pixelated_masks(shape, size, position))
+        assert min(flat[:2]) >= 6 and max(pix[:2]) < min(flat[:2]), (shape, flat, pix)
 
 
 def test_named_color_share():
     plain = ObjectSpec("square", "red", "big", "center")
-    assert named_color_share(plain, "flat") == pytest.approx(1.0)
-    assert named_color_share(plain, "outline") == pytest.approx(1.0)
+    for style in STYLES:
+        assert named_color_share(plain, style) == pytest.approx(1.0)
     half = replace(plain, decorations=(Decoration("half", "blue"),))
-    assert 0.4 < named_color_share(half, "flat") < 0.6
+    assert named_color_share(half, "flat") == pytest.approx(0.5, abs=0.02)
     dots = replace(plain, decorations=(Decoration("dots", "blue"),))
     assert 0.6 < named_color_share(dots, "flat") < 1.0
     # a border covers the outline, which is all that outline style draws of the body
     border = replace(plain, decorations=(Decoration("border", "blue"),))
-    assert named_color_share(border, "outline") < 0.3 < named_color_share(border, "flat")
+    assert named_color_share(border, "outline") == 0.0 and named_color_share(border, "flat") > 0.5
+    # pixelated: measured after the cells snap to one color each (a small object's stripes thin out)
+    stripes = replace(plain, size="small", decorations=(Decoration("stripes", "blue"),))
+    assert named_color_share(stripes, "pixelated") > named_color_share(stripes, "flat") + 0.15
+    # a creature's shaded parts count as its color, its fixed-color legs, beak and eyes not at all
+    for creature in ("bird", "fish", "robot"):
+        assert named_color_share(replace(plain, shape=creature), "flat") == pytest.approx(1.0)
+    recolored = replace(plain, shape="bird", part_colors=(("wing", "blue"), ("head", "blue")))
+    assert 0.5 < named_color_share(recolored, "flat") < 0.9
+
+
+def test_attribute_is_visible():
+    from cns.world.evaluator import attribute_is_visible
+
+    square = Scene((ObjectSpec("square", "red", "big", "center"),), "gray", "flat")
+    circle = replace(square, objects=(ObjectSpec("circle", "red", "big", "center"),))
+
+    def decorated(scene, kind):
+        return replace(scene, objects=(replace(scene.objects[0], decorations=(Decoration(kind, "blue"),)),))
+
+    # a flat or pixelated square shows no style, nor does one with stripes; round dots do show it
+    for scene in (square, replace(square, style="pixelated"), decorated(square, "stripes")):
+        assert not attribute_is_visible(scene, "style")
+    for scene in (replace(square, style="outline"), circle, decorated(square, "dots")):
+        assert attribute_is_visible(scene, "style")
+    # a blue border is all that outline style draws of a red square
+    bordered = decorated(square, "border")
+    assert attribute_is_visible(square, "color") and attribute_is_visible(bordered, "color")
+    assert not attribute_is_visible(replace(bordered, style="outline"), "color")
+    assert all(attribute_is_visible(replace(bordered, style="outline"), a) for a in ("shape", "background"))
+    with pytest.raises(ValueError):
+        attribute_is_visible(square, "size")
 
 
 def test_caption_example():

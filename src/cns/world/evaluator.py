@@ -48,6 +48,7 @@ import numpy as np
 from cns.world.dataset import CHUNK
 from cns.world.recipes import PALETTE, PATTERNS, STYLE_FILLS, sample_novel_background, sample_novel_style
 from cns.world.render import (
+    AXIS_ALIGNED_DECORATIONS,
     AXIS_ALIGNED_SHAPES,
     BACKGROUNDS,
     Background,
@@ -147,16 +148,18 @@ def scene_attribute(scene: Scene, attribute: str) -> str:
 def attribute_is_visible(scene: Scene, attribute: str) -> bool:
     """Whether a single-object render shows its true label for one attribute unambiguously.
 
-    Two kinds of render do not: a color that covers less than half of the object (a border or
-    stripes of a second color can cover more; `named_color_share`), and a flat or pixelated
-    object of an axis-aligned shape (a pixelated square is a square; `AXIS_ALIGNED_SHAPES`).
-    Shape and background are always visible.
+    Two kinds of render do not: a color that covers less than half of the object's colored area
+    (a border or stripes of a second color can cover more; `named_color_share`), and a flat or
+    pixelated object with only horizontal and vertical edges (a pixelated square is a square;
+    `AXIS_ALIGNED_SHAPES`, `AXIS_ALIGNED_DECORATIONS`). Shape and background are always visible.
     """
     obj = scene.objects[0]
     if attribute == "color":
         return named_color_share(obj, scene.style) >= 0.5
     if attribute == "style":
-        return not (scene.style in ("flat", "pixelated") and obj.shape in AXIS_ALIGNED_SHAPES)
+        axis_aligned = obj.shape in AXIS_ALIGNED_SHAPES and all(
+            d.kind in AXIS_ALIGNED_DECORATIONS for d in obj.decorations)
+        return not (scene.style in ("flat", "pixelated") and axis_aligned)
     if attribute not in ATTRIBUTE_LABELS:
         raise ValueError(f"unknown attribute {attribute!r}")
     return True
@@ -958,14 +961,16 @@ def eval_scenes(n: int, split: str, seed: int = 1000) -> list[Scene]:
 
 
 def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence] = None,
-                     visible_only: bool = False) -> dict[str, float]:
-    """Zero-shot accuracy per attribute (shape, color, background, style) on single-object scenes;
-    with ``visible_only``, each attribute over the scenes where `attribute_is_visible`."""
+                     visible_only: bool = False, embeddings=None) -> dict[str, float]:
+    """Zero-shot accuracy per attribute (shape, color, background, style) on single-object scenes,
+    from their ``images`` (default: fresh renders) or those images' ``embeddings``; with
+    ``visible_only``, each attribute over the scenes where `attribute_is_visible` (NaN if none)."""
     from cns.evaluation.metrics import attribute_accuracy
 
-    if images is None:
-        images = [render(s, IMAGE_SIZE) for s in scenes]
-    emb = scorer.image_embeddings(images)
+    if embeddings is not None:
+        emb = embeddings
+    else:
+        emb = scorer.image_embeddings(images if images is not None else [render(s, IMAGE_SIZE) for s in scenes])
     report = {}
     for attribute in ATTRIBUTE_LABELS:
         labels, prompts = attribute_prompts(attribute)
@@ -1058,8 +1063,9 @@ def concept_report(scorer, n_images: int = 5, n_class: int = 10, seed: int = 0) 
 
 def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 1000, threads: int = 1,
              low_res_size: int = 32) -> dict:
-    """Print and return the attribute accuracies (train / held-out split, at 64 px and at the
-    generator's ``low_res_size`` px) and concept CLIP-I table."""
+    """Print and return the attribute accuracies (train / held-out split: all renders, those that
+    show each label (`attribute_is_visible`), and all at the generator's ``low_res_size`` px) and
+    the concept CLIP-I table."""
     import torch
     from PIL import Image
 
@@ -1079,11 +1085,12 @@ def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 
     for split in ("train", "heldout"):
         scenes = eval_scenes(n, split, seed)
         renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in scenes])
-        acc = attribute_report(scorer, scenes, [Image.fromarray(im) for im in renders])
+        emb = scorer.image_embeddings([Image.fromarray(im) for im in renders])
+        acc = attribute_report(scorer, scenes, embeddings=emb)
         result["attributes"][split] = acc
         ok &= all(v >= TARGET_ACCURACY for v in acc.values())
         print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))
-        visible[split] = (attribute_report(scorer, scenes, [Image.fromarray(im) for im in renders], visible_only=True),
+        visible[split] = (attribute_report(scorer, scenes, embeddings=emb, visible_only=True),
                           {a: sum(attribute_is_visible(s, a) for s in scenes) for a in ATTRIBUTE_LABELS})
         low_res[split] = attribute_report(scorer, scenes,
                                           [Image.fromarray(im) for im in at_resolution(renders, low_res_size)])

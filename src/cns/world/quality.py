@@ -65,7 +65,7 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
     report["single_object"]["mean"] = float(np.mean(list(report["single_object"].values())))
     # the same, each attribute over the prompts whose true render shows it (evaluator.attribute_is_visible)
     report["single_object_visible"] = attribute_report(scorer, single, single_images, visible_only=True)
-    report["single_object_visible"]["mean"] = float(np.nanmean(list(report["single_object_visible"].values())))
+    report["single_object_visible"]["mean"] = float(np.mean(list(report["single_object_visible"].values())))
     renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in single])
     report["reference_renders"] = attribute_report(  # the evaluator on true renders
         scorer, single, [Image.fromarray(im) for im in renders])
@@ -127,6 +127,15 @@ def vae_check(vae, seed: int = 0, n: int = 200) -> dict:
             "within_2x": sum(r <= 2 for r in concepts.values()), "concepts": len(concepts)}
 
 
+def _without_nan(value):
+    """The figures with NaN (an attribute no prompt showed) as None, which JSON can hold."""
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, float) and value != value:
+        return None
+    return value
+
+
 def main(argv=None) -> int:
     from .evaluator import EVALUATOR_PATH
     from .pretrain import DEFAULT_MODEL_PATH
@@ -154,7 +163,7 @@ def main(argv=None) -> int:
         image_grid(report["_single_images"][:32], cols=8).save(args.grid, optimize=True)
         with open(os.path.splitext(args.grid)[0] + ".txt", "w") as f:
             f.write("\n".join(report["_single_prompts"][:32]) + "\n")
-    figures = {k: v for k, v in report.items() if not k.startswith("_")}
+    figures = _without_nan({k: v for k, v in report.items() if not k.startswith("_")})
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

@@ -125,6 +125,9 @@ STYLES: dict[str, Style] = {
 # grid, which leaves these as they are: a flat and a pixelated square differ only in a side snapped
 # to the cell size (about one pixel at 64 px).
 AXIS_ALIGNED_SHAPES: tuple[str, ...] = ("square", "cross")
+# Decorations drawn with only horizontal and vertical edges (on those shapes); dots and a center
+# are round, and pixelation shows on them.
+AXIS_ALIGNED_DECORATIONS: tuple[str, ...] = ("stripes", "border", "half")
 
 # Attribute combinations that pretraining (split="train") never shows.
 HELD_OUT_CLASS_COLOR: frozenset[tuple[str, str]] = frozenset(
@@ -690,24 +693,35 @@ def _styled_mask(mask: np.ndarray, style: Style, r: float, min_px: float) -> np.
 
 
 def named_color_share(obj: ObjectSpec, style: Union[str, Style], size: int = 64) -> float:
-    """Share of an object's drawn area painted in its named color, before pixelation.
+    """Share of an object's colored area drawn in its named color (or that color's shade).
 
-    Decorations and recolored creature parts cover the rest: an undecorated object is 1.0, a
-    "half" decoration about 0.5, and a border in outline style about 0.15, because the border
-    covers the outline that is the whole drawn body. Below 0.5 the caption's color is not the
-    object's main color, and a reader (or a zero-shot classifier) may fairly call it otherwise.
+    The colored area is what carries the object's color: its body and body-colored parts, the
+    decorations and recolored parts drawn over them. A creature's fixed-color details (legs,
+    beak, eyes) are left out. Pixelated style is measured after the cells snap to a color.
+    An undecorated object is 1.0 and a flat square with a "half" decoration 0.5. In outline
+    style a border covers all that is drawn of a plain shape's body (0.0). Below 0.5 the
+    caption's color is not the object's main color.
     """
+    style = style_recipe(style)
     side = size * SUPERSAMPLE
-    covered = np.zeros((side, side), np.float32)
-    named = total = 0.0
-    target = COLORS[obj.color]
-    for mask, rgb in reversed(_object_layers(obj, style_recipe(style), side)):  # topmost layer first
-        visible = np.clip(mask, 0.0, 1.0) * (1.0 - covered)
-        area = float(visible.sum())
-        total += area
-        named += area if tuple(rgb) == tuple(target) else 0.0
-        covered += visible
-    return named / total if total else 0.0
+    named = {COLORS[obj.color], _shade(COLORS[obj.color])}
+    other = {COLORS[d.color] for d in obj.decorations} | {COLORS[c] for _, c in obj.part_colors}
+    other -= named
+    if style.pixel_cells:  # every cell is one palette color: count the pixels of each
+        color, alpha = _object_rgba(obj, style, side)
+        drawn = alpha > 0.5
+        rgb = np.rint(color[drawn] / alpha[drawn][:, None]).astype(int)
+        areas = {c: float(np.all(rgb == c, axis=1).sum()) for c in named | other}
+    else:  # each layer's area left visible by the layers drawn over it
+        covered = np.zeros((side, side), np.float32)
+        areas = dict.fromkeys(named | other, 0.0)
+        for mask, rgb in reversed(_object_layers(obj, style, side)):  # topmost layer first
+            visible = np.clip(mask, 0.0, 1.0) * (1.0 - covered)
+            covered += visible
+            if tuple(rgb) in areas:
+                areas[tuple(rgb)] += float(visible.sum())
+    total = sum(areas.values())
+    return sum(areas[c] for c in named) / total if total else 0.0
 
 
 def object_center_radius(obj: ObjectSpec, side: int) -> tuple[float, float, float]:
@@ -822,23 +836,29 @@ def _pixelate(
     return _shift(big_c * big_a[..., None], -dy, -dx), _shift(big_a, -dy, -dx)
 
 
+def _object_rgba(obj: ObjectSpec, style: Style, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """One styled object on a transparent `side`-pixel canvas: premultiplied color, alpha."""
+    color = np.zeros((side, side, 3), np.float32)
+    alpha = np.zeros((side, side), np.float32)
+    layers = _object_layers(obj, style, side)
+    for mask, rgb in layers:
+        m = np.clip(mask, 0.0, 1.0)
+        color = color * (1 - m[..., None]) + np.asarray(rgb, np.float32) * m[..., None]
+        alpha = alpha * (1 - m) + m
+    if style.pixel_cells:
+        palette = [rgb for _, rgb in layers]
+        cx, cy, _ = object_center_radius(obj, side)
+        color, alpha = _pixelate(color, alpha, palette, style.pixel_cells, style.cell_gaps, (cx, cy))
+    return color, alpha
+
+
 def render(scene: Scene, size: int = 64) -> Image.Image:
     """Render a scene to a `size` x `size` RGB image (deterministic)."""
     side = size * SUPERSAMPLE
     style = style_recipe(scene.style)
     canvas = background_array(background_recipe(scene.background), side)
     for obj in scene.objects:
-        color = np.zeros((side, side, 3), np.float32)
-        alpha = np.zeros((side, side), np.float32)
-        layers = _object_layers(obj, style, side)
-        for mask, rgb in layers:
-            m = np.clip(mask, 0.0, 1.0)
-            color = color * (1 - m[..., None]) + np.asarray(rgb, np.float32) * m[..., None]
-            alpha = alpha * (1 - m) + m
-        if style.pixel_cells:
-            palette = [rgb for _, rgb in layers]
-            cx, cy, _ = object_center_radius(obj, side)
-            color, alpha = _pixelate(color, alpha, palette, style.pixel_cells, style.cell_gaps, (cx, cy))
+        color, alpha = _object_rgba(obj, style, side)
         canvas = canvas * (1 - alpha[..., None]) + color
     img = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), mode="RGB")
     return img.resize((size, size), Image.Resampling.LANCZOS)
