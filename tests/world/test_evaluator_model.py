@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cns.evaluation import ClipScorer
+from cns.evaluation.metrics import projected_features
 from cns.world.evaluator import (
     IMAGE_SIZE,
     EvaluatorConfig,
@@ -50,7 +51,7 @@ def test_each_tower_saves_and_loads_as_a_dual_encoder(tmp_path, tokenizer, scene
     images = [render(s, IMAGE_SIZE) for s in scenes]
     with torch.no_grad():
         direct = model.get_image_features(pixel_values=pixel_values(np.stack([np.asarray(i) for i in images])))
-    direct = torch.nn.functional.normalize(getattr(direct, "pooler_output", direct), dim=-1)
+    direct = torch.nn.functional.normalize(projected_features(direct), dim=-1)
     # the processor's math is `pixel_values`' math, and the saved weights are the trained ones
     assert torch.allclose(scorer.image_embeddings(images), direct, atol=1e-4)
     text = scorer.text_embeddings(["a photo of a star", "a red object"])
@@ -115,7 +116,6 @@ def test_unknown_tower_is_refused(tokenizer):
 
 def test_train_saves_a_loadable_evaluator_deterministically_and_resumes(tmp_path, capsys, monkeypatch):
     import cns.world.evaluator as evaluator
-    from cns.evaluation.metrics import projected_features
 
     pool = eval_scenes(16, "train", seed=5)  # a rendered pool of 16 scenes instead of 500-scene chunks
     pool_images = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in pool])

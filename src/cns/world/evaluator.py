@@ -165,6 +165,11 @@ def attribute_is_visible(scene: Scene, attribute: str) -> bool:
     return True
 
 
+def shown_labels(scenes: Sequence[Scene]) -> dict[str, list[bool]]:
+    """{attribute: whether each single-object scene's render shows its label} (`attribute_is_visible`)."""
+    return {a: [attribute_is_visible(s, a) for s in scenes] for a in ATTRIBUTE_LABELS}
+
+
 # ---------------------------------------------------------------------------
 # Training scenes
 # ---------------------------------------------------------------------------
@@ -961,10 +966,10 @@ def eval_scenes(n: int, split: str, seed: int = 1000) -> list[Scene]:
 
 
 def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence] = None,
-                     visible_only: bool = False, embeddings=None) -> dict[str, float]:
+                     shown: Optional[dict[str, Sequence[bool]]] = None, embeddings=None) -> dict[str, float]:
     """Zero-shot accuracy per attribute (shape, color, background, style) on single-object scenes,
-    from their ``images`` (default: fresh renders) or those images' ``embeddings``; with
-    ``visible_only``, each attribute over the scenes where `attribute_is_visible` (NaN if none)."""
+    from their ``images`` (default: fresh renders) or those images' ``embeddings``; with ``shown``
+    (`shown_labels`), each attribute over the scenes marked True for it (NaN if none)."""
     from cns.evaluation.metrics import attribute_accuracy
 
     if embeddings is not None:
@@ -974,7 +979,7 @@ def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence]
     report = {}
     for attribute in ATTRIBUTE_LABELS:
         labels, prompts = attribute_prompts(attribute)
-        keep = [k for k, s in enumerate(scenes) if not visible_only or attribute_is_visible(s, attribute)]
+        keep = [k for k in range(len(scenes)) if shown is None or shown[attribute][k]]
         if not keep:
             report[attribute] = float("nan")
             continue
@@ -1090,8 +1095,9 @@ def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 
         result["attributes"][split] = acc
         ok &= all(v >= TARGET_ACCURACY for v in acc.values())
         print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))
-        visible[split] = (attribute_report(scorer, scenes, embeddings=emb, visible_only=True),
-                          {a: sum(attribute_is_visible(s, a) for s in scenes) for a in ATTRIBUTE_LABELS})
+        shown = shown_labels(scenes)
+        visible[split] = (attribute_report(scorer, scenes, embeddings=emb, shown=shown),
+                          {a: sum(marks) for a, marks in shown.items()})
         low_res[split] = attribute_report(scorer, scenes,
                                           [Image.fromarray(im) for im in at_resolution(renders, low_res_size)])
     print("the same renders, only those that show the label (attribute_is_visible; renders kept in brackets):")

@@ -47,7 +47,7 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
     from ..evaluation.metrics import ClipScorer, cosine_matrix
     from PIL import Image
 
-    from .evaluator import IMAGE_SIZE, attribute_prompts, attribute_report
+    from .evaluator import IMAGE_SIZE, attribute_prompts, attribute_report, shown_labels
     from .render import caption, render, sample_scene
 
     pipe = StableDiffusionPipeline.from_pretrained(model)
@@ -59,12 +59,14 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
     single = [sample_scene(rng, split, n_objects=1) for _ in range(n)]
     started = time.perf_counter()
     single_images = _generate(pipe, [caption(s) for s in single], steps, guidance, seed)
+    single_embeddings = scorer.image_embeddings(single_images)
     report = {"model": model, "split": split, "steps": steps, "guidance": guidance, "prompts_single": n,
               "scheduler": type(pipe.scheduler).__name__,
-              "single_object": attribute_report(scorer, single, single_images)}
+              "single_object": attribute_report(scorer, single, embeddings=single_embeddings)}
     report["single_object"]["mean"] = float(np.mean(list(report["single_object"].values())))
     # the same, each attribute over the prompts whose true render shows it (evaluator.attribute_is_visible)
-    report["single_object_visible"] = attribute_report(scorer, single, single_images, visible_only=True)
+    report["single_object_visible"] = attribute_report(scorer, single, embeddings=single_embeddings,
+                                                       shown=shown_labels(single))
     report["single_object_visible"]["mean"] = float(np.mean(list(report["single_object_visible"].values())))
     renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in single])
     report["reference_renders"] = attribute_report(  # the evaluator on true renders
