@@ -5,7 +5,8 @@ import numpy as np
 from cns.world.concepts import CONCEPTS
 from cns.world.dataset import CHUNK, pool_scenes, training_caption
 from cns.world.render import (BACKGROUNDS, STYLES, Background, Style, caption, caption_words, has_enough_contrast,
-                              is_held_out, sample_scene, uses_reserved_look, vocabulary_words)
+                              is_held_out, is_legible, sample_scene, uses_reserved_look,
+                              vocabulary_words)
 
 
 def test_pool_scenes_are_a_pure_function_of_seed_and_chunk():
@@ -35,6 +36,24 @@ def test_training_caption_drops_attributes_and_keeps_known_words():
 def test_pool_without_unnamed_recipes_is_the_named_sampler():
     rng = np.random.default_rng([3, 1, 0])
     assert pool_scenes(3, 1) == [sample_scene(rng, "train") for _ in range(CHUNK)]
+
+
+def test_shipped_pretraining_pool_is_the_sampler_before_the_legibility_rule(tmp_path, monkeypatch):
+    """The shipped model's pool also holds scenes whose render hides their caption (TinyWorldConfig.legible
+    is False); --legible pools hold none, in their own folder."""
+    import cns.world.dataset as dataset
+    from cns.world.pretrain import TinyWorldConfig
+
+    rng = np.random.default_rng([3, 1, 0])
+    old = pool_scenes(3, 1, legible=False)
+    assert old == [sample_scene(rng, "train", legible=False) for _ in range(CHUNK)]
+    assert 0.05 * CHUNK < sum(not is_legible(s) for s in old) < 0.4 * CHUNK
+    assert all(is_legible(s) for s in pool_scenes(3, 1, legible=True))
+    folders = []
+    monkeypatch.setattr(dataset, "render_chunks", lambda folder, *args, **kwargs: folders.append(folder.name))
+    for legible in (TinyWorldConfig().legible, True):
+        dataset.render_pool(10, cache_dir=tmp_path, legible=legible)
+    assert folders == ["pool-train-seed0-64px", "pool-train-seed0-64px-legible"]
 
 
 def test_pool_shows_unnamed_recipes_but_never_a_concepts_own():

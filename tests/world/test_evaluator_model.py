@@ -13,6 +13,7 @@ from cns.evaluation.metrics import projected_features
 from cns.world.evaluator import (
     IMAGE_SIZE,
     EvaluatorConfig,
+    attribute_targets,
     build_model,
     build_processor,
     build_tokenizer,
@@ -156,3 +157,38 @@ def test_train_saves_a_loadable_evaluator_deterministically_and_resumes(tmp_path
     resumed = ClipScorer.from_pretrained(str(run("c")), device="cpu")
     assert "resuming from step 2" in capsys.readouterr().out
     assert torch.allclose(first.image_embeddings(images), resumed.image_embeddings(images), atol=1e-6)
+
+
+def test_train_legible_only_trains_on_legible_scenes(tmp_path, monkeypatch):
+    import cns.world.evaluator as evaluator
+    from cns.world.render import is_legible, sample_scene
+
+    rng = np.random.default_rng(11)
+    pool = [sample_scene(rng, "train", n_objects=1, legible=False) for _ in range(40)]
+    legible = [is_legible(s) for s in pool]
+    assert 4 <= legible.count(False) and 8 <= legible.count(True)
+    pool_images = np.zeros((len(pool), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    monkeypatch.setattr(evaluator, "build_pool", lambda n, *args, **kwargs: (pool[: n], pool_images[: n]))
+    seen = []
+
+    def recording_targets(scenes):
+        seen.extend(scenes)
+        return attribute_targets(scenes)
+
+    monkeypatch.setattr(evaluator, "attribute_targets", recording_targets)
+
+    def run():
+        evaluator.train(tmp_path / "out", steps=2, batch_size=8, pool_size=80, cache_dir=tmp_path / "cache",
+                        config=EvaluatorConfig(image_tower="efficientnet", **SMALL), progress=False, eval_every=0,
+                        tokenizer_path=evaluator.EVALUATOR_PATH, legible_only=True)
+
+    run()
+    assert len(seen) == 16 and all(is_legible(s) for s in seen)
+    masks = list((tmp_path / "cache").glob("pool_v*/legible_40.npy"))
+    assert len(masks) == len(evaluator.POOL_VERSIONS)
+    assert np.load(masks[0]).tolist() == legible
+    # the cached masks are reused: no scene is checked again
+    monkeypatch.setattr(evaluator, "is_legible", lambda scene: pytest.fail("checked again"))
+    seen.clear()
+    run()
+    assert len(seen) == 0  # the finished run is not trained again

@@ -24,9 +24,6 @@ def test_quality_samples_with_the_scheduler_asked_for_and_reports_every_attribut
     assert set(single) == {"shape", "color", "background", "style", "mean"}
     assert all(0.0 <= v <= 1.0 for v in single.values())
     assert single["mean"] == pytest.approx(sum(single[a] for a in ("shape", "color", "background", "style")) / 4)
-    visible = report["single_object_visible"]  # the prompts whose true render shows each attribute
-    assert set(visible) == set(single)
-    assert all(v != v or 0.0 <= v <= 1.0 for v in visible.values())  # NaN: no prompt showed it
     assert set(report["two_objects"]) == {"background", "style", "both_shapes"}
     # the evaluator reads the true renders of the same prompts well: the instrument works
     assert report["reference_renders"]["background"] >= 2 / 3

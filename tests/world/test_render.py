@@ -18,6 +18,7 @@ from cns.world.render import (
     PATTERNED_BACKGROUNDS,
     PLAIN_BACKGROUNDS,
     POSITIONS,
+    MIN_NAMED_COLOR_SHARE,
     RESERVED_LOOKS,
     SHAPES,
     SIZES,
@@ -30,6 +31,7 @@ from cns.world.render import (
     contact_sheet,
     has_enough_contrast,
     is_held_out,
+    is_legible,
     named_color_share,
     object_looks,
     parse_caption,
@@ -206,27 +208,42 @@ def test_named_color_share():
     assert 0.5 < named_color_share(recolored, "flat") < 0.9
 
 
-def test_attribute_is_visible():
-    from cns.world.evaluator import attribute_is_visible
-
+def test_is_legible():
     square = Scene((ObjectSpec("square", "red", "big", "center"),), "gray", "flat")
     circle = replace(square, objects=(ObjectSpec("circle", "red", "big", "center"),))
 
     def decorated(scene, kind):
         return replace(scene, objects=(replace(scene.objects[0], decorations=(Decoration(kind, "blue"),)),))
 
-    # a flat or pixelated square shows no style, nor does one with stripes; round dots do show it
-    for scene in (square, replace(square, style="pixelated"), decorated(square, "stripes")):
-        assert not attribute_is_visible(scene, "style")
-    for scene in (replace(square, style="outline"), circle, decorated(square, "dots")):
-        assert attribute_is_visible(scene, "style")
+    # a pixelated square shows no pixels, nor does one with stripes; round dots and circles do
+    pixelated = replace(square, style="pixelated")
+    for scene in (pixelated, decorated(pixelated, "stripes")):
+        assert not is_legible(scene)
+    for scene in (square, replace(square, style="outline"), replace(circle, style="pixelated"),
+                  decorated(pixelated, "dots")):
+        assert is_legible(scene)
     # a blue border is all that outline style draws of a red square
     bordered = decorated(square, "border")
-    assert attribute_is_visible(square, "color") and attribute_is_visible(bordered, "color")
-    assert not attribute_is_visible(replace(bordered, style="outline"), "color")
-    assert all(attribute_is_visible(replace(bordered, style="outline"), a) for a in ("shape", "background"))
-    with pytest.raises(ValueError):
-        attribute_is_visible(square, "size")
+    assert is_legible(bordered) and not is_legible(replace(bordered, style="outline"))
+    # an unnamed pixel-cell style names no style to hide
+    assert is_legible(replace(square, style=STYLES["pixelated"]))
+
+
+def test_sampled_scenes_are_legible():
+    """The sampler draws only scenes whose render shows their caption; legible=False draws the rest too."""
+    rng = np.random.default_rng(7)
+    old = [sample_scene(rng, "train", legible=False) for _ in range(300)]
+    rng = np.random.default_rng(7)
+    new = [sample_scene(rng, "train") for _ in range(300)]
+    assert all(is_legible(s) for s in new)
+    hidden = [s for s in old if not is_legible(s)]
+    assert 0.05 < len(hidden) / len(old) < 0.4
+    assert any(s.style == "pixelated" for s in hidden)  # pixelated squares
+    assert any(min(named_color_share(o, s.style) for o in s.objects) < MIN_NAMED_COLOR_SHARE for s in hidden)
+    # a two-object pixelated scene shows its style if either object steps
+    square = ObjectSpec("square", "red", "big", "left")
+    pair = Scene((square, replace(square, shape="circle", position="right")), "gray", "pixelated")
+    assert is_legible(pair) and not is_legible(replace(pair, objects=(square, replace(square, position="right"))))
 
 
 def test_caption_example():

@@ -16,7 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .recipes import sample_novel_background, sample_novel_style
-from .render import POSITION_PHRASES, Scene, decoration_phrase, has_enough_contrast, is_held_out, render, sample_scene
+from .render import (POSITION_PHRASES, Scene, decoration_phrase, has_enough_contrast, is_held_out, is_legible, render,
+                     sample_scene)
 
 __all__ = ["CHUNK", "pool_scene", "pool_scenes", "render_chunks", "render_pool", "training_caption"]
 
@@ -24,29 +25,34 @@ CHUNK = 500
 
 
 def pool_scene(rng: np.random.Generator, split: str = "train", novel_background: float = 0.0,
-               novel_style: float = 0.0) -> Scene:
+               novel_style: float = 0.0, legible: bool = True) -> Scene:
     """One pretraining scene: `sample_scene`, then with probability ``novel_background`` an unnamed
     background recipe and with probability ``novel_style`` an unnamed style recipe instead of the
     named ones (`cns.world.recipes`; captioned ``on a background`` / ``style``). They show the
     VAE and the UNet the appearance primitives personal concepts are made of (high-contrast
-    patterns, halftone and crosshatch fills, double outlines) without a concept's own recipe."""
+    patterns, halftone and crosshatch fills, double outlines) without a concept's own recipe.
+    ``legible``: only scenes whose render shows what the caption names (`is_legible`); the
+    shipped model's pool is ``legible=False`` (`TinyWorldConfig.legible`)."""
     while True:
-        scene = sample_scene(rng, split)
+        scene = sample_scene(rng, split, legible=legible)
         if novel_background and rng.random() < novel_background:
             scene = replace(scene, background=sample_novel_background(rng, avoid_concept_colours=True))
         if novel_style and rng.random() < novel_style:
             scene = replace(scene, style=sample_novel_style(rng))
         if split == "heldout" and not is_held_out(scene):
             continue  # the named background was what held it out
-        if has_enough_contrast(scene):
-            return scene
+        if not has_enough_contrast(scene):
+            continue
+        if legible and not isinstance(scene.style, str) and not is_legible(scene):
+            continue  # an unnamed style can hide the objects' colors
+        return scene
 
 
 def pool_scenes(seed: int, chunk: int, split: str = "train", novel_background: float = 0.0,
-                novel_style: float = 0.0) -> list[Scene]:
+                novel_style: float = 0.0, legible: bool = True) -> list[Scene]:
     """The scenes of one chunk of a pool: a pure function of its arguments (`pool_scene`)."""
     rng = np.random.default_rng([seed, chunk, 0 if split == "train" else 1])
-    return [pool_scene(rng, split, novel_background, novel_style) for _ in range(CHUNK)]
+    return [pool_scene(rng, split, novel_background, novel_style, legible) for _ in range(CHUNK)]
 
 
 def _render_chunk(job: tuple[Callable[[int], Sequence[Scene]], int, int, str]) -> str:
@@ -96,13 +102,15 @@ def render_chunks(
 
 def render_pool(
     n: int, seed: int = 0, split: str = "train", size: int = 64, cache_dir: str | Path = ".", workers: int = 2,
-    progress: bool = True, novel_background: float = 0.0, novel_style: float = 0.0,
+    progress: bool = True, novel_background: float = 0.0, novel_style: float = 0.0, legible: bool = True,
 ) -> tuple[list[Scene], np.ndarray]:
     """``n`` scenes of ``split`` (the generator's pretraining sampler, `pool_scene`) and their renders."""
     name = f"pool-{split}-seed{seed}-{size}px"
     if novel_background or novel_style:
         name += f"-novel{novel_background:g}-{novel_style:g}"
-    chunk_scenes = partial(pool_scenes, seed, split=split, novel_background=novel_background, novel_style=novel_style)
+    name += "-legible" if legible else ""
+    chunk_scenes = partial(pool_scenes, seed, split=split, novel_background=novel_background, novel_style=novel_style,
+                           legible=legible)
     return render_chunks(Path(cache_dir) / name, chunk_scenes, n, size, workers, progress)
 
 

@@ -48,8 +48,6 @@ import numpy as np
 from cns.world.dataset import CHUNK
 from cns.world.recipes import PALETTE, PATTERNS, STYLE_FILLS, sample_novel_background, sample_novel_style
 from cns.world.render import (
-    AXIS_ALIGNED_DECORATIONS,
-    AXIS_ALIGNED_SHAPES,
     BACKGROUNDS,
     Background,
     Style,
@@ -71,7 +69,7 @@ from cns.world.render import (
     decoration_phrase,
     has_enough_contrast,
     is_held_out,
-    named_color_share,
+    is_legible,
     render,
     sample_object,
     sample_scene,
@@ -143,31 +141,6 @@ def scene_attribute(scene: Scene, attribute: str) -> str:
     """The true label of a single-object scene for one attribute."""
     obj = scene.objects[0]
     return {"shape": obj.shape, "color": obj.color, "background": scene.background, "style": scene.style}[attribute]
-
-
-def attribute_is_visible(scene: Scene, attribute: str) -> bool:
-    """Whether a single-object render shows its true label for one attribute unambiguously.
-
-    Two kinds of render do not: a color that covers less than half of the object's colored area
-    (a border or stripes of a second color can cover more; `named_color_share`), and a flat or
-    pixelated object with only horizontal and vertical edges (a pixelated square is a square;
-    `AXIS_ALIGNED_SHAPES`, `AXIS_ALIGNED_DECORATIONS`). Shape and background are always visible.
-    """
-    obj = scene.objects[0]
-    if attribute == "color":
-        return named_color_share(obj, scene.style) >= 0.5
-    if attribute == "style":
-        axis_aligned = obj.shape in AXIS_ALIGNED_SHAPES and all(
-            d.kind in AXIS_ALIGNED_DECORATIONS for d in obj.decorations)
-        return not (scene.style in ("flat", "pixelated") and axis_aligned)
-    if attribute not in ATTRIBUTE_LABELS:
-        raise ValueError(f"unknown attribute {attribute!r}")
-    return True
-
-
-def shown_labels(scenes: Sequence[Scene]) -> dict[str, list[bool]]:
-    """{attribute: whether each single-object scene's render shows its label} (`attribute_is_visible`)."""
-    return {a: [attribute_is_visible(s, a) for s in scenes] for a in ATTRIBUTE_LABELS}
 
 
 # ---------------------------------------------------------------------------
@@ -396,6 +369,36 @@ def chunk_scenes(seed: int, chunk: int, heldout: bool = True, version: int = 2) 
     return [sample_training_scene(rng, heldout, version=version) for _ in range(CHUNK)]
 
 
+def pool_folder(cache_dir: str | Path | None, version: int, seed: int, heldout: bool) -> Path:
+    """Where `build_pool` caches one pool version's chunks."""
+    return Path(cache_dir or default_cache_dir()) / f"pool_v{version}_seed{seed}_h{int(heldout)}"
+
+
+def legible_mask(scenes: Sequence[Scene], cache: str | Path | None = None, workers: int = 1,
+                 progress: bool = True) -> np.ndarray:
+    """Whether each scene's render shows what its caption names (`is_legible`), as a bool array,
+    cached as ``.npy`` at ``cache`` (a pool's scenes are a pure function of its seed and version)."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    if cache is not None and Path(cache).exists():
+        mask = np.load(cache)
+        if len(mask) == len(scenes):
+            return mask
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            marks = list(tqdm(pool.imap(is_legible, scenes, chunksize=250), total=len(scenes), disable=not progress,
+                              desc="checking legibility"))
+    else:
+        marks = [is_legible(s) for s in tqdm(scenes, disable=not progress, desc="checking legibility")]
+    mask = np.asarray(marks, bool)
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache, mask)
+    return mask
+
+
 def build_pool(
     n: int, seed: int, heldout: bool = True, cache_dir: str | Path | None = None, workers: int = 1,
     progress: bool = True, version: int = 2,
@@ -409,7 +412,7 @@ def build_pool(
 
     from cns.world.dataset import render_chunks
 
-    folder = Path(cache_dir or default_cache_dir()) / f"pool_v{version}_seed{seed}_h{int(heldout)}"
+    folder = pool_folder(cache_dir, version, seed, heldout)
     return render_chunks(folder, partial(chunk_scenes, seed, heldout=heldout, version=version), n, IMAGE_SIZE,
                          workers, progress, desc=f"rendering pool ({CHUNK} scenes a chunk)")
 
@@ -829,13 +832,15 @@ def train(
     init_from: str | Path | None = None,
     low_res_fraction: float = 0.3,
     low_res_size: int = 32,
+    legible_only: bool = False,
 ) -> Path:
     """Train the evaluator and save it to ``out``. Deterministic for a seed (batches and texts
     of step k depend only on (seed, k)); resumes from ``<cache>/run_t<version>_seed<seed>_h<0|1>/``.
 
     ``low_res_fraction`` of each batch is shown at ``low_res_size`` px (`at_resolution`): the
     images a tiny-world model generates are 32 px, and an evaluator that only ever saw 64 px
-    renders reads their style poorly."""
+    renders reads their style poorly. ``legible_only`` trains on the pool's scenes whose render
+    shows what their caption names (`is_legible`: the world's sampler since 2026-12-05)."""
     import torch
 
     from cns.evaluation.metrics import projected_features
@@ -850,10 +855,15 @@ def train(
     for version in pool_versions:
         v_scenes, v_images = build_pool(pool_size // len(pool_versions), seed, heldout, cache, workers, progress,
                                         version=version)
+        if legible_only:
+            keep = legible_mask(v_scenes, pool_folder(cache, version, seed, heldout) / f"legible_{len(v_scenes)}.npy",
+                                workers, progress)
+            v_scenes, v_images = [sc for sc, k in zip(v_scenes, keep) if k], v_images[keep]
         scenes += v_scenes
         images.append(v_images)
     images = np.concatenate(images)
     tower = "" if init_from or config.image_tower == "vit" else f"_{config.image_tower}"
+    tower += "_legible" if legible_only else ""
     run_dir = cache / f"run_t{TRAINING_VERSION}_seed{seed}_h{int(heldout)}{tower}"
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = run_dir / "tokenizer"
@@ -864,6 +874,8 @@ def train(
             "init_from": str(init_from) if init_from else None}
     if low_res_fraction:  # (absent when off, so runs from before the option still resume)
         meta.update(low_res_fraction=low_res_fraction, low_res_size=low_res_size)
+    if legible_only:
+        meta.update(legible_only=True, pool_scenes=len(scenes))
     meta = json.loads(json.dumps(meta))  # as it reads back from the checkpoint's JSON
     info = read_checkpoint_info(run_dir, "checkpoint")
     resume = info is not None and info.get("meta") == meta and tokenizer_dir.exists()
@@ -966,10 +978,9 @@ def eval_scenes(n: int, split: str, seed: int = 1000) -> list[Scene]:
 
 
 def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence] = None,
-                     shown: Optional[dict[str, Sequence[bool]]] = None, embeddings=None) -> dict[str, float]:
+                     embeddings=None) -> dict[str, float]:
     """Zero-shot accuracy per attribute (shape, color, background, style) on single-object scenes,
-    from their ``images`` (default: fresh renders) or those images' ``embeddings``; with ``shown``
-    (`shown_labels`), each attribute over the scenes marked True for it (NaN if none)."""
+    from their ``images`` (default: fresh renders) or those images' ``embeddings``."""
     from cns.evaluation.metrics import attribute_accuracy
 
     if embeddings is not None:
@@ -979,12 +990,8 @@ def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence]
     report = {}
     for attribute in ATTRIBUTE_LABELS:
         labels, prompts = attribute_prompts(attribute)
-        keep = [k for k in range(len(scenes)) if shown is None or shown[attribute][k]]
-        if not keep:
-            report[attribute] = float("nan")
-            continue
-        truth = [scene_attribute(scenes[k], attribute) for k in keep]
-        _, report[attribute] = attribute_accuracy(emb[keep], labels, prompts, scorer, true_labels=truth)
+        truth = [scene_attribute(s, attribute) for s in scenes]
+        _, report[attribute] = attribute_accuracy(emb, labels, prompts, scorer, true_labels=truth)
     return report
 
 
@@ -1068,9 +1075,8 @@ def concept_report(scorer, n_images: int = 5, n_class: int = 10, seed: int = 0) 
 
 def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 1000, threads: int = 1,
              low_res_size: int = 32) -> dict:
-    """Print and return the attribute accuracies (train / held-out split: all renders, those that
-    show each label (`attribute_is_visible`), and all at the generator's ``low_res_size`` px) and
-    the concept CLIP-I table."""
+    """Print and return the attribute accuracies (train / held-out split, at 64 px and at the
+    generator's ``low_res_size`` px) and the concept CLIP-I table."""
     import torch
     from PIL import Image
 
@@ -1086,7 +1092,7 @@ def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 
           f"(target >= {TARGET_ACCURACY:.0%})")
     print(f"{'split':<9}" + "".join(f"{a:>12}" for a in ATTRIBUTE_LABELS))
     ok = True
-    low_res, visible = {}, {}
+    low_res = {}
     for split in ("train", "heldout"):
         scenes = eval_scenes(n, split, seed)
         renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in scenes])
@@ -1095,15 +1101,8 @@ def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 
         result["attributes"][split] = acc
         ok &= all(v >= TARGET_ACCURACY for v in acc.values())
         print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))
-        shown = shown_labels(scenes)
-        visible[split] = (attribute_report(scorer, scenes, embeddings=emb, shown=shown),
-                          {a: sum(marks) for a, marks in shown.items()})
         low_res[split] = attribute_report(scorer, scenes,
                                           [Image.fromarray(im) for im in at_resolution(renders, low_res_size)])
-    print("the same renders, only those that show the label (attribute_is_visible; renders kept in brackets):")
-    for split, (acc, kept) in visible.items():
-        result["attributes"][f"{split}_visible"] = acc
-        print(f"{split:<9}" + "".join(f"{acc[a]:>6.3f} ({kept[a]:>3})" for a in ATTRIBUTE_LABELS))
     print(f"the same renders at the generator's {low_res_size} px (downsampled, then resized back by the processor):")
     for split, acc in low_res.items():
         result["attributes"][f"{split}_{low_res_size}px"] = acc
@@ -1157,7 +1156,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--heads", default="full", choices=sorted(HEAD_SETS), help="auxiliary head set")
     t.add_argument("--init-from", default=None,
                    help="start from this saved evaluator (weights and tokenizer) instead of from scratch")
-    t.add_argument("--workers", type=int, default=1, help="rendering processes")
+    t.add_argument("--legible-only", action="store_true",
+                   help="train only on the pool's scenes whose render shows what the caption names (is_legible)")
+    t.add_argument("--workers", type=int, default=1, help="rendering (and legibility-checking) processes")
     t.add_argument("--threads", type=int, default=1, help="torch threads")
     t.add_argument("--no-heldout", action="store_true",
                    help="keep the generator's held-out (class, color/background) pairs out of training")
@@ -1182,7 +1183,7 @@ def main(argv: list[str] | None = None) -> int:
               low_res_fraction=args.low_res_fraction, low_res_size=args.low_res_size,
               workers=args.workers, threads=args.threads, heldout=not args.no_heldout,
               cache_dir=args.cache_dir, progress=not args.no_progress,
-              eval_every=args.eval_every, tokenizer_path=args.tokenizer)
+              eval_every=args.eval_every, tokenizer_path=args.tokenizer, legible_only=args.legible_only)
         return 0
     result = evaluate(args.model, args.n, args.seed, args.threads)
     if args.json:

@@ -53,6 +53,7 @@ class TinyWorldConfig:
     pool_size: int = 16000
     novel_background: float = 0.0  # share of pool scenes on an unnamed background recipe (cns.world.recipes)
     novel_style: float = 0.0  # ... in an unnamed style recipe: the primitives concepts are made of
+    legible: bool = False  # True: only scenes whose render shows their caption (is_legible); measured, not better (docs)
     vae_steps: int = 2500
     vae_batch: int = 32
     vae_crop: int = 0  # > 0: train the (fully convolutional) VAE on random crops of this size
@@ -341,7 +342,7 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     from .dataset import render_pool
 
     work.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in asdict(config).items() if k != "extra"}
+    settings = {k: v for k, v in asdict(config).items() if k != "extra" and not (k == "legible" and not v)}
     settings_path = work / "config.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
         raise SystemExit(f"{work} holds a run with other settings; use another --work folder")
@@ -350,7 +351,7 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     started = time.perf_counter()
     scenes, images = render_pool(config.pool_size, config.seed, "train", config.render_size, work / "pool",
                                  workers=workers, progress=progress, novel_background=config.novel_background,
-                                 novel_style=config.novel_style)
+                                 novel_style=config.novel_style, legible=config.legible)
     images = resize_images(images, config.image_size)
     times["render_s"] = time.perf_counter() - started
 
@@ -367,7 +368,7 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
         t = time.perf_counter()
         _, appearance = render_pool(config.pool_size, config.seed, "train", config.render_size, work / "pool",
                                     workers=workers, progress=progress, novel_background=config.appearance_novel,
-                                    novel_style=config.appearance_novel)
+                                    novel_style=config.appearance_novel, legible=config.legible)
         appearance_report = finetune_decoder_appearance(vae, resize_images(appearance, config.image_size), config,
                                                         work, progress)
         del appearance
@@ -420,6 +421,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="render processes")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--legible", action="store_true",
+                        help="only scenes whose render shows what the caption names (is_legible); the shipped "
+                             "model's pool also has the others, and a legible pool did not pretrain a better model")
     for name, value in asdict(TinyWorldConfig()).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
@@ -428,6 +432,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     config = TinyWorldConfig(**{k: getattr(args, k) for k in asdict(TinyWorldConfig()) if hasattr(args, k)
                                 and k not in ("extra",) and not isinstance(getattr(args, k), (tuple, dict))})
+    config.legible = args.legible
     config.extra["checkpoint_every"] = args.checkpoint_every
     report = pretrain(Path(args.work), Path(args.out), config, workers=args.workers)
     print(json.dumps(report, indent=2))

@@ -47,7 +47,7 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
     from ..evaluation.metrics import ClipScorer, cosine_matrix
     from PIL import Image
 
-    from .evaluator import IMAGE_SIZE, attribute_prompts, attribute_report, shown_labels
+    from .evaluator import IMAGE_SIZE, attribute_prompts, attribute_report
     from .render import caption, render, sample_scene
 
     pipe = StableDiffusionPipeline.from_pretrained(model)
@@ -64,10 +64,6 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
               "scheduler": type(pipe.scheduler).__name__,
               "single_object": attribute_report(scorer, single, embeddings=single_embeddings)}
     report["single_object"]["mean"] = float(np.mean(list(report["single_object"].values())))
-    # the same, each attribute over the prompts whose true render shows it (evaluator.attribute_is_visible)
-    report["single_object_visible"] = attribute_report(scorer, single, embeddings=single_embeddings,
-                                                       shown=shown_labels(single))
-    report["single_object_visible"]["mean"] = float(np.mean(list(report["single_object_visible"].values())))
     renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in single])
     report["reference_renders"] = attribute_report(  # the evaluator on true renders
         scorer, single, [Image.fromarray(im) for im in renders])
@@ -129,15 +125,6 @@ def vae_check(vae, seed: int = 0, n: int = 200) -> dict:
             "within_2x": sum(r <= 2 for r in concepts.values()), "concepts": len(concepts)}
 
 
-def _without_nan(value):
-    """The figures with NaN (an attribute no prompt showed) as None, which JSON can hold."""
-    if isinstance(value, dict):
-        return {k: _without_nan(v) for k, v in value.items()}
-    if isinstance(value, float) and value != value:
-        return None
-    return value
-
-
 def main(argv=None) -> int:
     from .evaluator import EVALUATOR_PATH
     from .pretrain import DEFAULT_MODEL_PATH
@@ -165,7 +152,7 @@ def main(argv=None) -> int:
         image_grid(report["_single_images"][:32], cols=8).save(args.grid, optimize=True)
         with open(os.path.splitext(args.grid)[0] + ".txt", "w") as f:
             f.write("\n".join(report["_single_prompts"][:32]) + "\n")
-    figures = _without_nan({k: v for k, v in report.items() if not k.startswith("_")})
+    figures = {k: v for k, v in report.items() if not k.startswith("_")}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)

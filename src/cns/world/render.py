@@ -128,6 +128,9 @@ AXIS_ALIGNED_SHAPES: tuple[str, ...] = ("square", "cross")
 # Decorations drawn with only horizontal and vertical edges (on those shapes); dots and a center
 # are round, and pixelation shows on them.
 AXIS_ALIGNED_DECORATIONS: tuple[str, ...] = ("stripes", "border", "half")
+# Below this share of its colored area (`named_color_share`), an object's named color is not its
+# main color: the world never draws such an object (`is_legible`).
+MIN_NAMED_COLOR_SHARE = 0.5
 
 # Attribute combinations that pretraining (split="train") never shows.
 HELD_OUT_CLASS_COLOR: frozenset[tuple[str, str]] = frozenset(
@@ -365,6 +368,22 @@ def uses_reserved_look(scene: Scene) -> bool:
     return any(object_looks(o) & RESERVED_LOOKS for o in scene.objects)
 
 
+def is_axis_aligned(obj: ObjectSpec) -> bool:
+    """True if the object has only horizontal and vertical edges (`AXIS_ALIGNED_SHAPES`, `AXIS_ALIGNED_DECORATIONS`)."""
+    return obj.shape in AXIS_ALIGNED_SHAPES and all(d.kind in AXIS_ALIGNED_DECORATIONS for d in obj.decorations)
+
+
+def is_legible(scene: Scene) -> bool:
+    """True if the render shows what the caption names: every object's named color covers at
+    least `MIN_NAMED_COLOR_SHARE` of its colored area (`named_color_share`; a border in outline
+    style covers all of it), and a scene in a named pixelated style has an object whose edges
+    pixelation steps (a pixelated square is a flat square). `sample_scene` draws only such scenes."""
+    style = style_recipe(scene.style)
+    if isinstance(scene.style, str) and style.pixel_cells and all(is_axis_aligned(o) for o in scene.objects):
+        return False
+    return all(named_color_share(o, style) >= MIN_NAMED_COLOR_SHARE for o in scene.objects)
+
+
 def color_distance(a: RGB, b: RGB) -> float:
     """Euclidean RGB distance."""
     return float(math.dist(a, b))
@@ -426,10 +445,13 @@ def sample_scene(
     backgrounds: Sequence[str] = tuple(BACKGROUNDS),
     styles: Sequence[str] = tuple(STYLES),
     max_tries: int = 10_000,
+    legible: bool = True,
 ) -> Scene:
     """Draw a random scene; split "train" avoids held-out combos, "heldout" requires one.
 
-    Both splits avoid the looks reserved for personal concepts and low-contrast colors.
+    Both splits avoid the looks reserved for personal concepts, low-contrast colors and, with
+    ``legible`` (since 2026-12-05; the world's models before that were trained without it),
+    renders that do not show what their caption names (`is_legible`).
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"unknown split {split!r}")
@@ -448,6 +470,8 @@ def sample_scene(
         if is_held_out(scene) != (split == "heldout"):
             continue
         if uses_reserved_look(scene) or not has_enough_contrast(scene):
+            continue
+        if legible and not is_legible(scene):
             continue
         return scene
     raise RuntimeError("could not sample a valid scene; constraints too tight")
@@ -703,6 +727,8 @@ def named_color_share(obj: ObjectSpec, style: Union[str, Style], size: int = 64)
     caption's color is not the object's main color.
     """
     style = style_recipe(style)
+    if not obj.decorations and not obj.part_colors:
+        return 1.0  # one color (and its shade) is all there is
     side = size * SUPERSAMPLE
     named = {COLORS[obj.color], _shade(COLORS[obj.color])}
     other = {COLORS[d.color] for d in obj.decorations} | {COLORS[c] for _, c in obj.part_colors}
