@@ -71,8 +71,6 @@ def test_zero_shot_on_held_out_combinations(scorer):
 def test_zero_shot_reads_colors_the_render_shows(scorer):
     scenes = eval_scenes(40, "train", seed=2024)
     everything = attribute_report(scorer, scenes)
-    embeddings = scorer.image_embeddings([render(s, IMAGE_SIZE) for s in scenes])
-    assert attribute_report(scorer, scenes, embeddings=embeddings) == everything
     # renders the world no longer draws (is_legible): a color covering under half its object is misread
     rng = np.random.default_rng(5)
     hidden = []

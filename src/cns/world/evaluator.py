@@ -977,16 +977,12 @@ def eval_scenes(n: int, split: str, seed: int = 1000) -> list[Scene]:
     return [sample_scene(rng, split, n_objects=1) for _ in range(n)]
 
 
-def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence] = None,
-                     embeddings=None) -> dict[str, float]:
+def attribute_report(scorer, scenes: Sequence[Scene], images: Optional[Sequence] = None) -> dict[str, float]:
     """Zero-shot accuracy per attribute (shape, color, background, style) on single-object scenes,
-    from their ``images`` (default: fresh renders) or those images' ``embeddings``."""
+    from their ``images`` (default: fresh renders)."""
     from cns.evaluation.metrics import attribute_accuracy
 
-    if embeddings is not None:
-        emb = embeddings
-    else:
-        emb = scorer.image_embeddings(images if images is not None else [render(s, IMAGE_SIZE) for s in scenes])
+    emb = scorer.image_embeddings(images if images is not None else [render(s, IMAGE_SIZE) for s in scenes])
     report = {}
     for attribute in ATTRIBUTE_LABELS:
         labels, prompts = attribute_prompts(attribute)
@@ -1096,8 +1092,7 @@ def evaluate(model_path: str | Path = EVALUATOR_PATH, n: int = 400, seed: int = 
     for split in ("train", "heldout"):
         scenes = eval_scenes(n, split, seed)
         renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in scenes])
-        emb = scorer.image_embeddings([Image.fromarray(im) for im in renders])
-        acc = attribute_report(scorer, scenes, embeddings=emb)
+        acc = attribute_report(scorer, scenes, [Image.fromarray(im) for im in renders])
         result["attributes"][split] = acc
         ok &= all(v >= TARGET_ACCURACY for v in acc.values())
         print(f"{split:<9}" + "".join(f"{acc[a]:>12.3f}" for a in ATTRIBUTE_LABELS))

@@ -342,6 +342,7 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     from .dataset import render_pool
 
     work.mkdir(parents=True, exist_ok=True)
+    # (legible is left out when off, so work folders from before the option still resume)
     settings = {k: v for k, v in asdict(config).items() if k != "extra" and not (k == "legible" and not v)}
     settings_path = work / "config.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):

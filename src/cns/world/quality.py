@@ -59,10 +59,9 @@ def measure_quality(model: str, evaluator: str, n: int = 200, split: str = "held
     single = [sample_scene(rng, split, n_objects=1) for _ in range(n)]
     started = time.perf_counter()
     single_images = _generate(pipe, [caption(s) for s in single], steps, guidance, seed)
-    single_embeddings = scorer.image_embeddings(single_images)
     report = {"model": model, "split": split, "steps": steps, "guidance": guidance, "prompts_single": n,
               "scheduler": type(pipe.scheduler).__name__,
-              "single_object": attribute_report(scorer, single, embeddings=single_embeddings)}
+              "single_object": attribute_report(scorer, single, single_images)}
     report["single_object"]["mean"] = float(np.mean(list(report["single_object"].values())))
     renders = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in single])
     report["reference_renders"] = attribute_report(  # the evaluator on true renders
