@@ -120,14 +120,15 @@ def test_vae_round_trip_returns_images_of_the_input_shape_near_the_input():
     assert abs(mse - vae_reconstruction_mse(vae, images)) < 0.01
 
 
-@pytest.mark.parametrize("stage", ["decoder", "appearance"])
+@pytest.mark.parametrize("stage", ["decoder", "decoder_refine", "appearance"])
 def test_decoder_stages_keep_the_latent_space_and_lower_reconstruction_error(tmp_path, stage):
     import numpy as np
 
-    from cns.world.pretrain import encode_pool, finetune_decoder, finetune_decoder_appearance, vae_reconstruction_mse
+    from cns.world.pretrain import (encode_pool, finetune_decoder, finetune_decoder_appearance, refine_decoder,
+                                    vae_reconstruction_mse)
 
     config = TinyWorldConfig(vae_channels=(8, 16), vae_batch=4, decoder_steps=30, decoder_lr=3e-3, warmup=1,
-                             appearance_steps=30, appearance_lr=3e-3)
+                             refine_steps=30, refine_lr=3e-3, appearance_steps=30, appearance_lr=3e-3)
     config.extra["checkpoint_every"] = 1000
     vae, _, _, _ = build_components(config, build_tokenizer())
     rng = np.random.default_rng(0)
@@ -137,7 +138,7 @@ def test_decoder_stages_keep_the_latent_space_and_lower_reconstruction_error(tmp
     encoder_before = {k: v.clone() for k, v in vae.encoder.state_dict().items()}
     error_before = vae_reconstruction_mse(vae, images)
 
-    run = finetune_decoder if stage == "decoder" else finetune_decoder_appearance
+    run = {"decoder": finetune_decoder, "decoder_refine": refine_decoder, "appearance": finetune_decoder_appearance}[stage]
     report = run(vae, images, config, tmp_path, progress=False)
 
     assert all(torch.equal(v, vae.encoder.state_dict()[k]) for k, v in encoder_before.items())
