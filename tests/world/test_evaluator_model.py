@@ -22,9 +22,12 @@ from cns.world.evaluator import (
     match_matrix,
     full_description,
     pixel_values,
+    recipe_contrastive_loss,
+    recipe_key,
+    style_balanced_weights,
     save_evaluator,
 )
-from cns.world.render import render
+from cns.world.render import ObjectSpec, Scene, Style, render
 
 SMALL = dict(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, text_hidden=32, text_layers=1,
              text_heads=2, text_mlp=64, projection_dim=16, effnet_width=0.25, effnet_in=(32, 32, 48), effnet_out=(32, 48, 64),
@@ -110,6 +113,57 @@ def test_efficientnet_tower_starts_with_live_activations(tokenizer, scenes):
         assert raw.vision_model(pixel_values=pixels).pooler_output.std(0).mean() > 1e-2
 
 
+def test_recipe_contrastive_loss_pulls_one_recipe_together():
+    torch.manual_seed(0)
+    keys = ["flat", "flat", "hatched", "hatched", "unique"]
+    grouped = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [-1.0, 0.0]])
+    mixed = grouped[[0, 2, 1, 3, 4]]  # the same points, each recipe split across the two clusters
+    low, high = recipe_contrastive_loss(grouped, keys), recipe_contrastive_loss(mixed, keys)
+    assert torch.isfinite(low) and low < high - 1.0, (low, high)
+    # an anchor without a positive ("unique") is left out; with no positives at all the loss is 0
+    assert recipe_contrastive_loss(grouped, ["a", "b", "c", "d", "e"]).item() == 0.0
+    # the gradient moves embeddings of one recipe towards each other
+    emb = torch.randn(6, 8, requires_grad=True)
+    labels = ["x", "x", "x", "y", "y", "y"]
+    opt = torch.optim.SGD([emb], lr=0.5)
+    def within_minus_across():
+        e = torch.nn.functional.normalize(emb.detach(), dim=-1)
+        c = e @ e.T
+        same = torch.tensor([[a == b for b in labels] for a in labels]) & ~torch.eye(6, dtype=torch.bool)
+        other = ~torch.tensor([[a == b for b in labels] for a in labels])
+        return (c[same].mean() - c[other].mean()).item()
+    before = within_minus_across()
+    for _ in range(20):
+        opt.zero_grad()
+        recipe_contrastive_loss(emb, labels).backward()
+        opt.step()
+    assert within_minus_across() > before + 0.5
+
+
+def test_recipe_key_groups_near_identical_styles_and_splits_primitives():
+    obj = ObjectSpec("star", "red")
+    def scene(style, background="gray"):
+        return Scene((obj,), background, style)
+    tiles_12, tiles_14 = Style(pixel_cells=12, cell_gaps=True), Style(pixel_cells=14, cell_gaps=True)
+    assert recipe_key(scene(tiles_12), "style") == recipe_key(scene(tiles_14), "style")
+    assert recipe_key(scene(tiles_12), "style") != recipe_key(scene(Style(pixel_cells=12)), "style")
+    assert recipe_key(scene("pixelated"), "style") == recipe_key(scene(Style(pixel_cells=20)), "style")
+    assert recipe_key(scene("flat"), "style") != recipe_key(scene("hatched"), "style")
+    assert recipe_key(scene("flat", "gray"), "background") != recipe_key(scene("flat", "striped"), "background")
+    assert recipe_key(scene("flat"), "objects") != recipe_key(Scene((ObjectSpec("star", "blue"),), "gray", "flat"),
+                                                              "objects")
+
+
+def test_style_balance_draws_rare_styles_more_often():
+    obj = ObjectSpec("star", "red")
+    scenes = [Scene((obj,), "gray", "flat")] * 90 + [Scene((obj,), "gray", "hatched")] * 10
+    uniform, balanced = style_balanced_weights(scenes, 0.0), style_balanced_weights(scenes, 1.0)
+    assert np.allclose(uniform, 0.01)
+    assert balanced.sum() == pytest.approx(1.0)
+    assert balanced[90:].sum() == pytest.approx(0.5) and balanced[:90].sum() == pytest.approx(0.5)
+    assert 0.1 < style_balanced_weights(scenes, 0.5)[90:].sum() < 0.5
+
+
 def test_unknown_tower_is_refused(tokenizer):
     with pytest.raises(ValueError, match="image_tower"):
         build_model(tokenizer, EvaluatorConfig(image_tower="resnet"))
@@ -192,3 +246,29 @@ def test_train_legible_only_trains_on_legible_scenes(tmp_path, monkeypatch):
     seen.clear()
     run()
     assert len(seen) == 0  # the finished run is not trained again
+
+
+def test_train_recipe_loss_sees_style_keys_of_a_style_balanced_draw(tmp_path, monkeypatch):
+    import cns.world.evaluator as evaluator
+
+    rng = np.random.default_rng(3)
+    flat = [Scene((ObjectSpec(str(rng.choice(["star", "heart", "ring"])), "red"),), "gray", "flat") for _ in range(36)]
+    hatched = [Scene((ObjectSpec("star", "blue"),), "gray", "hatched") for _ in range(4)]
+    pool = flat + hatched
+    pool_images = np.zeros((len(pool), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    monkeypatch.setattr(evaluator, "build_pool", lambda n, *args, **kwargs: (pool[: n], pool_images[: n]))
+    calls = []
+
+    def recording_loss(image_emb, keys, temperature):
+        calls.append((list(keys), temperature))
+        return recipe_contrastive_loss(image_emb, keys, temperature)
+
+    monkeypatch.setattr(evaluator, "recipe_contrastive_loss", recording_loss)
+    evaluator.train(tmp_path / "out", steps=4, batch_size=8, pool_size=80, cache_dir=tmp_path / "cache",
+                    config=EvaluatorConfig(image_tower="efficientnet", **SMALL), progress=False, eval_every=0,
+                    tokenizer_path=evaluator.EVALUATOR_PATH, recipe_weight=0.5, recipe_temperature=0.3,
+                    style_balance=1.0)
+    assert len(calls) == 4 and all(t == 0.3 and len(keys) == 8 for keys, t in calls)
+    hatched_key = recipe_key(hatched[0], "style")
+    drawn_hatched = sum(k == hatched_key for keys, _ in calls for k in keys)
+    assert drawn_hatched >= 10  # half the draws in expectation (16 of 32); a uniform draw gives about 3

@@ -7,8 +7,8 @@ It plays the part real CLIP plays for Stable Diffusion: CLIP-I (image-image cosi
 (image-prompt cosine) and zero-shot attribute classification of generated images, loaded with
 ``cns.evaluation.ClipScorer.from_pretrained(EVALUATOR_PATH)`` like any CLIP checkpoint.
 
-Training (``python -m cns.world.evaluator train --out DIR --steps N --seed S``; the defaults and
-``--tokenizer src/cns/world/weights/evaluator`` reproduce the shipped weights):
+Training (``python -m cns.world.evaluator train --out DIR --steps N --seed S``; the three
+commands in ``docs/world/quality.md`` reproduce the shipped weights):
 
 - data: a pool of rendered scenes (pre-rendered once, cached on disk, reused across epochs)
   drawn from the whole base world (both sampler splits, so held-out (class, color) and
@@ -25,6 +25,10 @@ Training (``python -m cns.world.evaluator train --out DIR --steps N --seed S``; 
   linear heads on the image embedding (attributes, decorations, part colors, style and
   background primitives; discarded after training). Without them the text tower cannot tell
   shape words apart until the image tower encodes shape, and vice versa: shape stays at chance.
+  The shipped weights' last stage (``--recipe-weight 0.15 --style-balance 0.5``) adds a
+  supervised contrastive loss among images of one style (`recipe_contrastive_loss`, images keyed
+  by their style's primitives, `recipe_key`) and draws rare styles (cell gaps, halftone, double
+  outlines) more often: without it CLIP-I hardly told the mosaic concept from the base styles.
 
 ``python -m cns.world.evaluator eval --model DIR`` prints zero-shot attribute accuracy on
 fresh single-object renders (train and held-out split) and, for every personal concept,
@@ -606,6 +610,54 @@ def contrastive_loss(image_emb, text_emb, logit_scale, matches):
     return 0.5 * (_soft_cross_entropy(logits_t, m) + _soft_cross_entropy(logits_t.T, m.T))
 
 
+def recipe_contrastive_loss(image_emb, keys: Sequence, temperature: float = 0.5):
+    """Supervised contrastive loss (Khosla et al. 2020, Eq. 2, "L_out") among the images of a batch:
+    images whose ``keys`` are equal (`recipe_key`: the same style, say) are positives, all others
+    negatives; anchors without a positive are left out. It gives CLIP-I what real CLIP-I has and
+    captions alone do not teach: two images in one rendering style are closer than the same
+    images in two styles, for unnamed recipes too."""
+    import torch
+
+    emb = torch.nn.functional.normalize(image_emb, dim=-1)
+    n = len(keys)
+    codes = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    label = torch.tensor([codes[k] for k in keys])
+    eye = torch.eye(n, dtype=torch.bool)
+    positives = (label[:, None] == label[None, :]) & ~eye
+    logits = (emb @ emb.T / temperature).masked_fill(eye, -1e4)  # (not -inf: 0 * -inf is nan)
+    return _soft_cross_entropy(logits, positives.float())
+
+
+# What `recipe_key` can key images on: the primitives of the style recipe, of the background
+# recipe (the heads' ``style_*`` / ``bg_*`` groups, so near-identical recipes such as pixel cells
+# of 12 and 14 are one key), or the objects' looks (class, color, decorations, part colors).
+RECIPE_FACTORS: dict[str, tuple[str, ...]] = {
+    "style": ("style_fill", "style_outlines", "style_pixels", "style_gaps"),
+    "background": ("bg_pattern", "bg_base", "bg_ink", "bg_period", "bg_diagonal"),
+    "objects": (),
+}
+
+
+def recipe_key(scene: Scene, factor: str):
+    """A hashable key of one factor of a scene (`RECIPE_FACTORS`): equal keys look alike."""
+    if factor == "objects":
+        return frozenset((o.shape, o.color, frozenset((d.kind, d.color) for d in o.decorations),
+                          frozenset(o.part_colors)) for o in scene.objects)
+    return tuple(frozenset(_scene_labels(scene, group)) for group in RECIPE_FACTORS[factor])
+
+
+def style_balanced_weights(scenes: Sequence[Scene], power: float) -> np.ndarray:
+    """Probabilities of drawing each scene, proportional to ``count ** -power`` where ``count`` is
+    how many of ``scenes`` share its style key (`recipe_key`): 0 draws uniformly, 1 gives every
+    style key the same share."""
+    from collections import Counter
+
+    keys = [recipe_key(s, "style") for s in scenes]
+    counts = Counter(keys)
+    weights = np.array([float(counts[k]) ** -power for k in keys])
+    return weights / weights.sum()
+
+
 def attribute_targets(scenes: Sequence[Scene]):
     """{attribute: (n_scenes, n_labels) float multi-hot} of the labels present in each scene."""
     import torch
@@ -833,6 +885,10 @@ def train(
     low_res_fraction: float = 0.3,
     low_res_size: int = 32,
     legible_only: bool = False,
+    recipe_weight: float = 0.0,
+    recipe_factors: Sequence[str] = ("style",),
+    recipe_temperature: float = 0.5,
+    style_balance: float = 0.0,
 ) -> Path:
     """Train the evaluator and save it to ``out``. Deterministic for a seed (batches and texts
     of step k depend only on (seed, k)); resumes from ``<cache>/run_t<version>_seed<seed>_h<0|1>/``.
@@ -840,7 +896,12 @@ def train(
     ``low_res_fraction`` of each batch is shown at ``low_res_size`` px (`at_resolution`): the
     images a tiny-world model generates are 32 px, and an evaluator that only ever saw 64 px
     renders reads their style poorly. ``legible_only`` trains on the pool's scenes whose render
-    shows what their caption names (`is_legible`: the world's sampler since 2026-12-05)."""
+    shows what their caption names (`is_legible`: the world's sampler since 2026-12-05).
+    ``recipe_weight`` adds `recipe_contrastive_loss` at ``recipe_temperature``, averaged over the
+    ``recipe_factors`` the images are keyed on (`recipe_key`). ``style_balance`` > 0 draws each
+    batch's scenes with probability proportional to ``count ** -style_balance``, ``count`` being
+    how many pool scenes share the scene's style key: rare primitives (cell gaps, halftone,
+    double outlines) are then seen more often (1: every style key equally often)."""
     import torch
 
     from cns.evaluation.metrics import projected_features
@@ -862,8 +923,11 @@ def train(
         scenes += v_scenes
         images.append(v_images)
     images = np.concatenate(images)
+    draw = style_balanced_weights(scenes, style_balance) if style_balance else None
     tower = "" if init_from or config.image_tower == "vit" else f"_{config.image_tower}"
     tower += "_legible" if legible_only else ""
+    tower += f"_recipe{recipe_weight:g}" if recipe_weight else ""
+    tower += f"_balance{style_balance:g}" if style_balance else ""
     run_dir = cache / f"run_t{TRAINING_VERSION}_seed{seed}_h{int(heldout)}{tower}"
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = run_dir / "tokenizer"
@@ -876,6 +940,11 @@ def train(
         meta.update(low_res_fraction=low_res_fraction, low_res_size=low_res_size)
     if legible_only:
         meta.update(legible_only=True, pool_scenes=len(scenes))
+    if style_balance:
+        meta.update(style_balance=style_balance)
+    if recipe_weight:
+        meta.update(recipe_weight=recipe_weight, recipe_factors=list(recipe_factors),
+                    recipe_temperature=recipe_temperature)
     meta = json.loads(json.dumps(meta))  # as it reads back from the checkpoint's JSON
     info = read_checkpoint_info(run_dir, "checkpoint")
     resume = info is not None and info.get("meta") == meta and tokenizer_dir.exists()
@@ -921,7 +990,7 @@ def train(
     started = time.time()
     for step in bar:
         rng = np.random.default_rng([seed, 1, step])
-        idx = np.sort(rng.choice(len(scenes), batch_size, replace=False))
+        idx = np.sort(rng.choice(len(scenes), batch_size, replace=False, p=draw))
         batch_scenes = [scenes[i] for i in idx]
         descriptions = [sample_description(rng, s) for s in batch_scenes]
         matches = torch.from_numpy(match_matrix(descriptions, batch_scenes))
@@ -945,6 +1014,10 @@ def train(
                                                             attribute_targets(batch_scenes), slices)
         if head_weight:
             loss = loss + head_weight * head_loss(heads(image_emb), head_targets(batch_scenes, groups), groups)
+        if recipe_weight:
+            loss = loss + recipe_weight * sum(
+                recipe_contrastive_loss(image_emb, [recipe_key(s, f) for s in batch_scenes], recipe_temperature)
+                for f in recipe_factors) / len(recipe_factors)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
@@ -1153,6 +1226,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="start from this saved evaluator (weights and tokenizer) instead of from scratch")
     t.add_argument("--legible-only", action="store_true",
                    help="train only on the pool's scenes whose render shows what the caption names (is_legible)")
+    t.add_argument("--recipe-weight", type=float, default=0.0,
+                   help="weight of the contrastive loss among images of one recipe (0: off)")
+    t.add_argument("--recipe-factors", default="style",
+                   help=f"what that loss keys images on, comma-separated, of {','.join(RECIPE_FACTORS)}")
+    t.add_argument("--recipe-temperature", type=float, default=0.5)
+    t.add_argument("--style-balance", type=float, default=0.0,
+                   help="draw scenes with probability count(style key) ** -this (0: uniformly)")
     t.add_argument("--workers", type=int, default=1, help="rendering (and legibility-checking) processes")
     t.add_argument("--threads", type=int, default=1, help="torch threads")
     t.add_argument("--no-heldout", action="store_true",
@@ -1178,7 +1258,9 @@ def main(argv: list[str] | None = None) -> int:
               low_res_fraction=args.low_res_fraction, low_res_size=args.low_res_size,
               workers=args.workers, threads=args.threads, heldout=not args.no_heldout,
               cache_dir=args.cache_dir, progress=not args.no_progress,
-              eval_every=args.eval_every, tokenizer_path=args.tokenizer, legible_only=args.legible_only)
+              eval_every=args.eval_every, tokenizer_path=args.tokenizer, legible_only=args.legible_only,
+              recipe_weight=args.recipe_weight, recipe_factors=tuple(args.recipe_factors.split(",")),
+              recipe_temperature=args.recipe_temperature, style_balance=args.style_balance)
         return 0
     result = evaluate(args.model, args.n, args.seed, args.threads)
     if args.json:
