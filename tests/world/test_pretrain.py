@@ -1,5 +1,6 @@
 """Pretraining pieces: the tokenizer covers the world, checkpoints resume exactly (no pickle)."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -51,6 +52,54 @@ def test_components_are_a_stable_diffusion_layout():
     assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == config.image_size
     assert unet.config.in_channels == vae.config.latent_channels
     assert scheduler.config.clip_sample is False  # clipping latents to [-1, 1] turns samples to noise
+    assert float(scheduler.alphas_cumprod[-1]) > 0 and scheduler.config.prediction_type == "epsilon"  # SD's, shipped
+
+
+def test_the_zero_snr_option_ends_the_schedule_where_sampling_starts():
+    """At t = T no trace of the image is left, so nothing but the prompt can set a background's colour
+    (on 16x16 latents an epsilon model on SD's schedule read it from the starting noise)."""
+    from diffusers import DDPMScheduler
+
+    config = TinyWorldConfig(zero_terminal_snr=True, prediction_type="v_prediction", timestep_spacing="trailing")
+    *_, scheduler = build_components(config, build_tokenizer())
+    training = DDPMScheduler.from_config(scheduler.config)
+    assert float(training.alphas_cumprod[-1]) == 0.0 and float(training.alphas_cumprod[0]) > 0.99
+    assert training.config.prediction_type == "v_prediction"  # epsilon is undefined where the signal is gone
+    scheduler.set_timesteps(30)
+    assert int(scheduler.timesteps[0]) == training.config.num_train_timesteps - 1
+
+
+def test_cross_attention_sits_on_the_levels_the_config_names():
+    config = TinyWorldConfig(unet_channels=(32, 64, 128, 128), unet_attention_levels=(1, 2))
+    _, _, unet, _ = build_components(config, build_tokenizer())
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    cross = [name for name, _ in unet.named_modules() if name.endswith("attn2")]
+    assert cross and not any(name.startswith(("down_blocks.0.", "down_blocks.3.", "up_blocks.0.", "up_blocks.3."))
+                             for name in cross)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_the_vae_pool_adds_a_pool_of_unnamed_recipes_only_when_asked(tmp_path, monkeypatch, share):
+    import cns.world.dataset as dataset
+    from cns.world.pretrain import vae_pool
+
+    calls = []
+
+    def fake_render_pool(n, seed, split, size, cache_dir, **kwargs):
+        calls.append(kwargs)
+        return [None] * n, np.full((n, size, size, 3), 200, np.uint8)
+
+    monkeypatch.setattr(dataset, "render_pool", fake_render_pool)
+    config = TinyWorldConfig(pool_size=3, render_size=8, image_size=4, vae_novel=share)
+    base = np.zeros((3, 4, 4, 3), np.uint8)
+    pool = vae_pool(base, config, tmp_path, workers=1, progress=False)
+    if not share:
+        assert pool is base and not calls
+        return
+    assert [(c["novel_background"], c["novel_style"]) for c in calls] == [(share, share)]
+    assert pool.shape == (6, 4, 4, 3)
+    assert (pool[:3] == 0).all() and (pool[3:] == 200).all()  # the UNet's pool first, resized novel scenes after
 
 
 def _model_and_optimizer(seed):
@@ -162,6 +211,7 @@ def test_default_settings_build_the_shipped_architecture():
         shipped = json.loads((DEFAULT_MODEL_PATH / name / "config.json").read_text())
         built = json.loads(json.dumps(dict(module.config) if name != "text_encoder" else module.config.to_dict()))
         architecture = ("block_out_channels", "latent_channels", "layers_per_block", "cross_attention_dim",
+                        "down_block_types", "up_block_types",
                         "attention_head_dim", "sample_size", "hidden_size", "num_hidden_layers",
                         "num_attention_heads", "intermediate_size", "vocab_size", "max_position_embeddings")
         keys = [k for k in architecture if k in shipped]
@@ -186,3 +236,17 @@ def test_min_snr_weights_cap_the_low_noise_steps_only():
     snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
     assert torch.allclose(w, torch.where(snr > 5, 5 / snr, torch.ones(4)))
     assert w[0] < 0.01 and w[-1] == 1.0 and torch.all(w[:-1] <= w[1:])  # nearly clean steps weigh least
+
+
+def test_the_command_line_sets_every_setting_including_tuples_and_switches(monkeypatch):
+    import cns.world.pretrain as pretrain
+
+    seen = {}
+    monkeypatch.setattr(pretrain, "pretrain", lambda work, out, config, workers: seen.setdefault("config", config) and {})
+    pretrain.main(["--vae-channels", "32,64", "--unet-channels", "32,64,128,128", "--unet-attention-levels", "1,2",
+                   "--vae-novel", "0.5", "--zero-terminal-snr", "--prediction-type", "v_prediction"])
+    config = seen["config"]
+    assert config.vae_channels == (32, 64) and config.unet_channels == (32, 64, 128, 128)
+    assert config.unet_attention_levels == (1, 2) and config.vae_novel == 0.5
+    assert config.zero_terminal_snr is True and config.prediction_type == "v_prediction"
+    assert config.timestep_spacing == TinyWorldConfig().timestep_spacing  # untouched settings keep their defaults

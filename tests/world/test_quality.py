@@ -36,3 +36,35 @@ def test_quality_samples_with_the_scheduler_asked_for_and_reports_every_attribut
                               vae=False)
     assert default["scheduler"] == "DDIMScheduler" and "two_objects" not in default
     assert "vae" not in default and "reference_through_vae" not in default
+
+
+class _DimmingVAE:
+    """A stand-in VAE whose round trip scales pixels by 0.9: its error is 1% of each image's energy."""
+
+    class config:
+        sample_size = 32
+
+    def encode(self, x):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=0.9 * x))
+
+    def decode(self, z):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=z)
+
+
+def test_the_vae_check_compares_each_concept_with_the_world_at_the_models_size():
+    from cns.world.concepts import CONCEPTS
+    from cns.world.quality import vae_check
+
+    report = vae_check(_DimmingVAE(), n=8)
+    assert set(report["concept_mse"]) == {c.name for c in CONCEPTS} and report["concepts"] == len(CONCEPTS)
+    world = report["world_mse"]
+    assert world > 0
+    for name, error in report["concept_mse"].items():
+        assert report["concept_mse_ratio"][name] == pytest.approx(error / world, rel=1e-2)  # figures rounded to 5 decimals
+    assert report["within_2x"] == sum(r <= 2 for r in report["concept_mse_ratio"].values())
+    # dark scenes (the navy backgrounds) lose less energy than the pale world: the check tells them apart
+    assert len(set(report["concept_mse_ratio"].values())) > 1

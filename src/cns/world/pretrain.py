@@ -43,9 +43,11 @@ EXTRA_WORDS = ("photo", "of", ",", "<|endoftext|>")
 class TinyWorldConfig:
     image_size: int = 32  # measured: a 64 px world needs a VAE too slow to train on 2 cores (see docs)
     render_size: int = 64  # scenes are rendered at 64 px and downsampled (anti-aliased)
-    vae_channels: tuple[int, ...] = (16, 32, 64)  # 2 downsamplings: 32 px -> 8x8 latents
+    vae_channels: tuple[int, ...] = (16, 32, 64)  # 2 downsamplings: 32 px -> 8x8 latents; (32, 64) gives f = 2,
+    # 16x16 latents that keep the concepts' 1 px dots and stripes (measured, not shipped: docs/world/pretraining.md)
     latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_channels: tuple[int, ...] = (64, 128, 128)  # for 16x16 latents: (32, 64, 128, 128), attention levels (1, 2)
+    unet_attention_levels: tuple[int, ...] = (0, 1)  # the levels with cross-attention (the last has none)
     unet_heads: int = 4
     text_width: int = 128
     text_layers: int = 3
@@ -54,6 +56,8 @@ class TinyWorldConfig:
     pool_size: int = 16000
     novel_background: float = 0.0  # share of pool scenes on an unnamed background recipe (cns.world.recipes)
     novel_style: float = 0.0  # ... in an unnamed style recipe: the primitives concepts are made of
+    vae_novel: float = 0.0  # > 0: the VAE stages also see a second pool of pool_size scenes, this share of them on an
+    # unnamed background and this share in an unnamed style (cns.world.recipes); the UNet never sees it
     legible: bool = False  # True: only scenes whose render shows their caption (is_legible); measured, not better (docs)
     vae_steps: int = 2500
     vae_batch: int = 32
@@ -70,6 +74,16 @@ class TinyWorldConfig:
     unet_steps: int = 9000  # the shipped run (3,000 at lr 5e-4 drew shapes too rarely, 6,000 reached 0.760: docs/world/pretraining.md)
     unet_batch: int = 32
     unet_lr: float = 7e-4
+    # Stable Diffusion's schedule (shipped). It leaves 6.9% of the signal at t = T; over 16x16x4 latents the image's
+    # mean then outweighs the noise's, and an epsilon model read each background's colour from the starting noise.
+    # Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed"): --zero-terminal-snr
+    # --prediction-type v_prediction --timestep-spacing trailing (measured, not shipped: docs/world/pretraining.md).
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
+    timestep_spacing: str = "leading"
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); 0 = plain MSE, as shipped
     caption_dropout: float = 0.1  # empty caption: classifier-free guidance
     attribute_drop: float = 0.15
@@ -106,17 +120,19 @@ def build_components(config: TinyWorldConfig, tokenizer):
         max_position_embeddings=config.max_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
-    n = len(config.unet_channels)
+    attention = [i in config.unet_attention_levels for i in range(len(config.unet_channels))]
     unet = UNet2DConditionModel(
         sample_size=config.image_size // 2 ** (levels - 1),
         in_channels=config.latent_channels, out_channels=config.latent_channels,
         block_out_channels=config.unet_channels, layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         cross_attention_dim=config.text_width, attention_head_dim=config.unet_heads, norm_num_groups=32,
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(beta_start=config.beta_start, beta_end=config.beta_end, beta_schedule=config.beta_schedule,
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              prediction_type=config.prediction_type, rescale_betas_zero_snr=config.zero_terminal_snr,
+                              timestep_spacing=config.timestep_spacing)
     return vae, text_encoder, unet, scheduler
 
 
@@ -284,6 +300,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
     from tqdm.auto import tqdm
 
     from ..model import pipeline_tokens
+    from ..training import diffusion_target
     from .dataset import training_caption
 
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
@@ -319,11 +336,12 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, config.unet_steps, config.unet_lr, config.warmup)
         prediction = unet(noise_scheduler.add_noise(x, noise, t), t, text_encoder(ids)[0]).sample
+        target = diffusion_target(noise_scheduler, x, noise, t)
         if config.snr_gamma:
-            loss = (F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+            loss = (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
                     * min_snr_weights(noise_scheduler, t, config.snr_gamma)).mean()
-        else:  # the shipped run's loss, computed exactly as it was
-            loss = F.mse_loss(prediction, noise)
+        else:
+            loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -344,7 +362,28 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
     return {"loss_last100": sum(recent) / len(recent) if recent else None}
 
 
+def vae_pool(images: np.ndarray, config: TinyWorldConfig, work: Path, workers: int = 2,
+             progress: bool = True) -> np.ndarray:
+    """What the VAE stages train on: the UNet's pool ``images`` and, with ``vae_novel`` > 0, as many
+    scenes again of which that share have an unnamed background and that share an unnamed style
+    (`cns.world.recipes`): the high-contrast stripes, checks, motif fields and fills that personal
+    concepts are made of, which the issue asks pretraining to cover. Only the VAE sees them, so
+    the UNet's captions stay those of named scenes."""
+    if not config.vae_novel:
+        return images
+    from .dataset import render_pool
+
+    _, novel = render_pool(config.pool_size, config.seed, "train", config.render_size, work / "pool", workers=workers,
+                           progress=progress, novel_background=config.vae_novel, novel_style=config.vae_novel,
+                           legible=config.legible)
+    return np.concatenate([images, resize_images(novel, config.image_size)])
+
+
 # ------------------------------------------------------------------ the command
+
+
+_LATER_SETTINGS = ("legible", "unet_attention_levels", "vae_novel", "beta_schedule", "beta_start", "beta_end",
+                   "prediction_type", "zero_terminal_snr", "timestep_spacing")
 
 
 def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, progress: bool = True) -> dict:
@@ -354,8 +393,10 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     from .dataset import render_pool
 
     work.mkdir(parents=True, exist_ok=True)
-    # (legible is left out when off, so work folders from before the option still resume)
-    settings = {k: v for k, v in asdict(config).items() if k != "extra" and not (k == "legible" and not v)}
+    # (settings added later are left out at their defaults, so work folders from before them still resume)
+    defaults = asdict(TinyWorldConfig())
+    settings = {k: v for k, v in asdict(config).items()
+                if k != "extra" and not (k in _LATER_SETTINGS and v == defaults[k])}
     settings_path = work / "config.json"
     if settings_path.exists() and json.loads(settings_path.read_text()) != json.loads(json.dumps(settings)):
         raise SystemExit(f"{work} holds a run with other settings; use another --work folder")
@@ -367,19 +408,22 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
                                  novel_style=config.novel_style, legible=config.legible)
     images = resize_images(images, config.image_size)
     times["render_s"] = time.perf_counter() - started
+    t = time.perf_counter()
+    vae_images = vae_pool(images, config, work, workers, progress)
+    times["render_vae_pool_s"] = time.perf_counter() - t
 
     tokenizer = build_tokenizer(config.max_length)
     vae, text_encoder, unet, scheduler = build_components(config, tokenizer)
     t = time.perf_counter()
-    vae_report = train_vae(vae, images, config, work, progress)
+    vae_report = train_vae(vae, vae_images, config, work, progress)
     times["vae_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    decoder_report = finetune_decoder(vae, images, config, work, progress)
+    decoder_report = finetune_decoder(vae, vae_images, config, work, progress)
     times["decoder_s"] = time.perf_counter() - t
     refine_report = None
     if config.refine_steps:
         t = time.perf_counter()
-        refine_report = refine_decoder(vae, images, config, work, progress)
+        refine_report = refine_decoder(vae, vae_images, config, work, progress)
         times["refine_s"] = time.perf_counter() - t
     appearance_report = None
     if config.appearance_steps:
@@ -391,6 +435,7 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
                                                         work, progress)
         del appearance
         times["appearance_s"] = time.perf_counter() - t  # the VAE leaves here frozen
+    del vae_images
 
     t = time.perf_counter()
     latents_path = work / "latents.safetensors"
@@ -433,6 +478,10 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     return report
 
 
+def _int_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="world-pretrain", help="work folder: pool cache, checkpoints (resumable)")
@@ -444,13 +493,20 @@ def main(argv=None) -> int:
                         help="only scenes whose render shows what the caption names (is_legible); the shipped "
                              "model's pool also has the others, and a legible pool did not pretrain a better model")
     for name, value in asdict(TinyWorldConfig()).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+        flag = f"--{name.replace('_', '-')}"
+        if name in ("legible", "extra"):
+            continue
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif isinstance(value, tuple):
+            parser.add_argument(flag, type=_int_tuple, default=value, metavar="N,N,...")
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TinyWorldConfig(**{k: getattr(args, k) for k in asdict(TinyWorldConfig()) if hasattr(args, k)
-                                and k not in ("extra",) and not isinstance(getattr(args, k), (tuple, dict))})
+                                and k != "extra"})
     config.legible = args.legible
     config.extra["checkpoint_every"] = args.checkpoint_every
     report = pretrain(Path(args.work), Path(args.out), config, workers=args.workers)

@@ -116,12 +116,13 @@ def vae_check(vae, seed: int = 0, n: int = 200) -> dict:
     rng = np.random.default_rng([seed, 11])
     world = resize_images(np.stack([np.asarray(render(sample_scene(rng, "train"), 64)) for _ in range(n)]), size)
     base = vae_reconstruction_mse(vae, world)
-    concepts = {}
+    errors = {}
     for concept in CONCEPTS:
         images = np.stack([np.asarray(im) for im, _ in make_concept_images(concept, seed=seed)])
-        concepts[concept.name] = round(vae_reconstruction_mse(vae, resize_images(images, size)) / base, 3)
-    return {"world_mse": round(base, 5), "concept_mse_ratio": concepts,
-            "within_2x": sum(r <= 2 for r in concepts.values()), "concepts": len(concepts)}
+        errors[concept.name] = vae_reconstruction_mse(vae, resize_images(images, size))
+    ratios = {name: round(error / base, 3) for name, error in errors.items()}
+    return {"world_mse": round(base, 5), "concept_mse": {name: round(e, 5) for name, e in errors.items()},
+            "concept_mse_ratio": ratios, "within_2x": sum(r <= 2 for r in ratios.values()), "concepts": len(ratios)}
 
 
 def main(argv=None) -> int:
