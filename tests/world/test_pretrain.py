@@ -242,7 +242,12 @@ def test_the_command_line_sets_every_setting_including_tuples_and_switches(monke
     import cns.world.pretrain as pretrain
 
     seen = {}
-    monkeypatch.setattr(pretrain, "pretrain", lambda work, out, config, workers: seen.setdefault("config", config) and {})
+
+    def fake_pretrain(work, out, config, workers):
+        seen["config"] = config
+        return {}
+
+    monkeypatch.setattr(pretrain, "pretrain", fake_pretrain)
     pretrain.main(["--vae-channels", "32,64", "--unet-channels", "32,64,128,128", "--unet-attention-levels", "1,2",
                    "--vae-novel", "0.5", "--zero-terminal-snr", "--prediction-type", "v_prediction"])
     config = seen["config"]

@@ -371,12 +371,19 @@ def vae_pool(images: np.ndarray, config: TinyWorldConfig, work: Path, workers: i
     the UNet's captions stay those of named scenes."""
     if not config.vae_novel:
         return images
+    return np.concatenate([images, recipe_pool(config, config.vae_novel, work, workers, progress)])
+
+
+def recipe_pool(config: TinyWorldConfig, share: float, work: Path, workers: int = 2,
+                progress: bool = True) -> np.ndarray:
+    """``pool_size`` train-split scenes at the model's size, ``share`` of them on an unnamed background
+    recipe and ``share`` in an unnamed style recipe (rendered once, cached under ``work/pool``)."""
     from .dataset import render_pool
 
-    _, novel = render_pool(config.pool_size, config.seed, "train", config.render_size, work / "pool", workers=workers,
-                           progress=progress, novel_background=config.vae_novel, novel_style=config.vae_novel,
-                           legible=config.legible)
-    return np.concatenate([images, resize_images(novel, config.image_size)])
+    _, images = render_pool(config.pool_size, config.seed, "train", config.render_size, work / "pool",
+                            workers=workers, progress=progress, novel_background=share, novel_style=share,
+                            legible=config.legible)
+    return resize_images(images, config.image_size)
 
 
 # ------------------------------------------------------------------ the command
@@ -428,11 +435,8 @@ def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, p
     appearance_report = None
     if config.appearance_steps:
         t = time.perf_counter()
-        _, appearance = render_pool(config.pool_size, config.seed, "train", config.render_size, work / "pool",
-                                    workers=workers, progress=progress, novel_background=config.appearance_novel,
-                                    novel_style=config.appearance_novel, legible=config.legible)
-        appearance_report = finetune_decoder_appearance(vae, resize_images(appearance, config.image_size), config,
-                                                        work, progress)
+        appearance = recipe_pool(config, config.appearance_novel, work, workers, progress)
+        appearance_report = finetune_decoder_appearance(vae, appearance, config, work, progress)
         del appearance
         times["appearance_s"] = time.perf_counter() - t  # the VAE leaves here frozen
     del vae_images
