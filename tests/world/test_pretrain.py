@@ -238,6 +238,37 @@ def test_min_snr_weights_cap_the_low_noise_steps_only():
     assert w[0] < 0.01 and w[-1] == 1.0 and torch.all(w[:-1] <= w[1:])  # nearly clean steps weigh least
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_x0_share_weights_make_the_loss_epsilon_error_plus_a_share_of_the_x0_error(prediction_type):
+    from diffusers import DDPMScheduler
+
+    from cns.training import diffusion_target
+    from cns.world.pretrain import x0_share_weights
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type=prediction_type, rescale_betas_zero_snr=prediction_type == "v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 4, 3, 3, generator=g), torch.randn(5, 4, 3, 3, generator=g)
+    t = torch.tensor([0, 10, 400, 900, 999 if prediction_type == "v_prediction" else 998])
+    x_t = scheduler.add_noise(x0, noise, t)
+    prediction = diffusion_target(scheduler, x0, noise, t) + 0.3 * torch.randn(x0.shape, generator=g)
+    a = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    if prediction_type == "v_prediction":  # Salimans & Ho 2022: eps = s x_t + a v, x0 = a x_t - s v
+        eps_hat, x0_hat = s * x_t + a * prediction, a * x_t - s * prediction
+    else:
+        eps_hat, x0_hat = prediction, (x_t - s * prediction) / a
+    per_sample = lambda e: e.pow(2).mean(dim=(1, 2, 3))  # noqa: E731
+    target_mse = per_sample(prediction - diffusion_target(scheduler, x0, noise, t))
+    for share in (0.0, 0.2, 1.0):
+        expected = per_sample(eps_hat - noise) + share * per_sample(x0_hat - x0)
+        assert torch.allclose(x0_share_weights(scheduler, t, share) * target_mse, expected, rtol=1e-4, atol=1e-6)
+    own = 1.0 if prediction_type == "v_prediction" else 0.0  # each prediction type's own MSE is one of the family
+    assert torch.allclose(x0_share_weights(scheduler, t, own), torch.ones(5))
+    if prediction_type == "v_prediction":  # zero terminal SNR: the last step keeps exactly the x0 share
+        assert x0_share_weights(scheduler, t, 0.2)[-1] == pytest.approx(0.2)
+
+
 def test_the_command_line_sets_every_setting_including_tuples_and_switches(monkeypatch):
     import cns.world.pretrain as pretrain
 
@@ -249,8 +280,10 @@ def test_the_command_line_sets_every_setting_including_tuples_and_switches(monke
 
     monkeypatch.setattr(pretrain, "pretrain", fake_pretrain)
     pretrain.main(["--vae-channels", "32,64", "--unet-channels", "32,64,128,128", "--unet-attention-levels", "1,2",
-                   "--vae-novel", "0.5", "--zero-terminal-snr", "--prediction-type", "v_prediction"])
+                   "--vae-novel", "0.5", "--zero-terminal-snr", "--prediction-type", "v_prediction",
+                   "--x0-loss-weight", "0.2"])
     config = seen["config"]
+    assert config.x0_loss_weight == 0.2
     assert config.vae_channels == (32, 64) and config.unet_channels == (32, 64, 128, 128)
     assert config.unet_attention_levels == (1, 2) and config.vae_novel == 0.5
     assert config.zero_terminal_snr is True and config.prediction_type == "v_prediction"

@@ -85,6 +85,10 @@ class TinyWorldConfig:
     zero_terminal_snr: bool = False
     timestep_spacing: str = "leading"
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); 0 = plain MSE, as shipped
+    # The loss as ||eps - eps_hat||^2 + x0_loss_weight * ||x0 - x0_hat||^2, whatever the model predicts. None: the
+    # prediction type's own MSE (epsilon: 0; v-prediction: 1, since the v error is the sum of the two). Zero-SNR v with
+    # 0.2: shapes 0.940, but styles drawn flat, mean 0.785 (measured, not shipped: docs/world/pretraining.md).
+    x0_loss_weight: float | None = None
     caption_dropout: float = 0.1  # empty caption: classifier-free guidance
     attribute_drop: float = 0.15
     ema_decay: float = 0.999
@@ -293,6 +297,24 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     return torch.clamp(snr, max=gamma) / snr
 
 
+def x0_share_weights(noise_scheduler, timesteps: torch.Tensor, x0_weight: float) -> torch.Tensor:
+    """Per-sample weights on the MSE of the scheduler's prediction type that make the loss
+    ||eps - eps_hat||^2 + x0_weight * ||x0 - x0_hat||^2.
+
+    With x_t = a x0 + s eps and v = a eps - s x0 (Salimans & Ho 2022, Sec. 4): eps - eps_hat = a (v - v_hat) and
+    x0 - x0_hat = -s (v - v_hat), so the loss is (SNR + x0_weight) / (SNR + 1) times the v MSE, or (SNR + x0_weight)
+    / SNR times the epsilon MSE. x0_weight = 1 is plain v MSE, 0 plain epsilon MSE; with 0, a zero-terminal-SNR
+    schedule's last step (Lin et al. 2024), the one that sets each image's colours, has no weight at all."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return (snr + x0_weight) / (snr + 1)
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"x0_loss_weight needs epsilon or v-prediction, not {noise_scheduler.config.prediction_type}")
+    return (snr + x0_weight) / snr
+
+
 def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config: TinyWorldConfig, work: Path,
                progress=True) -> dict:
     from diffusers import DDPMScheduler
@@ -337,9 +359,12 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
             group["lr"] = _lr(step, config.unet_steps, config.unet_lr, config.warmup)
         prediction = unet(noise_scheduler.add_noise(x, noise, t), t, text_encoder(ids)[0]).sample
         target = diffusion_target(noise_scheduler, x, noise, t)
-        if config.snr_gamma:
-            loss = (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
-                    * min_snr_weights(noise_scheduler, t, config.snr_gamma)).mean()
+        if config.snr_gamma or config.x0_loss_weight is not None:
+            if config.x0_loss_weight is not None:
+                weights = x0_share_weights(noise_scheduler, t, config.x0_loss_weight)
+            else:
+                weights = min_snr_weights(noise_scheduler, t, config.snr_gamma)
+            loss = (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         else:
             loss = F.mse_loss(prediction, target)
         optimizer.zero_grad(set_to_none=True)
@@ -390,7 +415,7 @@ def recipe_pool(config: TinyWorldConfig, share: float, work: Path, workers: int 
 
 
 _LATER_SETTINGS = ("legible", "unet_attention_levels", "vae_novel", "beta_schedule", "beta_start", "beta_end",
-                   "prediction_type", "zero_terminal_snr", "timestep_spacing")
+                   "prediction_type", "zero_terminal_snr", "timestep_spacing", "x0_loss_weight")
 
 
 def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, progress: bool = True) -> dict:
@@ -504,6 +529,8 @@ def main(argv=None) -> int:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
         elif isinstance(value, tuple):
             parser.add_argument(flag, type=_int_tuple, default=value, metavar="N,N,...")
+        elif value is None:  # an optional number (x0_loss_weight)
+            parser.add_argument(flag, type=float, default=None)
         else:
             parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
