@@ -346,3 +346,17 @@ def test_contact_sheet_layout():
     sheet = contact_sheet(images, cols=3, pad=2)
     assert sheet.size == (3 * 34 + 2, 2 * 34 + 2)
     assert pixels(sheet)[2:34, 2:34].tobytes() == pixels(images[0]).tobytes()
+
+
+@pytest.mark.parametrize("half", [0, 1, 3])
+def test_square_min_filter_is_the_minimum_over_each_pixels_square_with_zeros_outside(half):
+    from cns.world.render import _min_filter_square
+
+    mask = np.random.default_rng(half).random((7, 9)).astype(np.float32) + 0.5
+    padded = np.pad(mask, half)  # outside the canvas counts as empty (0)
+    expected = np.array([[padded[y: y + 2 * half + 1, x: x + 2 * half + 1].min() for x in range(9)]
+                         for y in range(7)])
+    out = _min_filter_square(mask, half)
+    assert out.shape == mask.shape and np.array_equal(out, expected)
+    if half:
+        assert out[0, 0] == 0 and out[3, 4] > 0  # the border erodes, the middle keeps its neighbourhood's minimum
