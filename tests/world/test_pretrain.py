@@ -251,7 +251,8 @@ def test_x0_share_weights_make_the_loss_epsilon_error_plus_a_share_of_the_x0_err
     x0, noise = torch.randn(5, 4, 3, 3, generator=g), torch.randn(5, 4, 3, 3, generator=g)
     t = torch.tensor([0, 10, 400, 900, 999 if prediction_type == "v_prediction" else 998])
     x_t = scheduler.add_noise(x0, noise, t)
-    prediction = diffusion_target(scheduler, x0, noise, t) + 0.3 * torch.randn(x0.shape, generator=g)
+    target = diffusion_target(scheduler, x0, noise, t)
+    prediction = target + 0.3 * torch.randn(x0.shape, generator=g)
     a = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
     s = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
     if prediction_type == "v_prediction":  # Salimans & Ho 2022: eps = s x_t + a v, x0 = a x_t - s v
@@ -259,7 +260,7 @@ def test_x0_share_weights_make_the_loss_epsilon_error_plus_a_share_of_the_x0_err
     else:
         eps_hat, x0_hat = prediction, (x_t - s * prediction) / a
     per_sample = lambda e: e.pow(2).mean(dim=(1, 2, 3))  # noqa: E731
-    target_mse = per_sample(prediction - diffusion_target(scheduler, x0, noise, t))
+    target_mse = per_sample(prediction - target)
     for share in (0.0, 0.2, 1.0):
         expected = per_sample(eps_hat - noise) + share * per_sample(x0_hat - x0)
         assert torch.allclose(x0_share_weights(scheduler, t, share) * target_mse, expected, rtol=1e-4, atol=1e-6)

@@ -359,14 +359,16 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
             group["lr"] = _lr(step, config.unet_steps, config.unet_lr, config.warmup)
         prediction = unet(noise_scheduler.add_noise(x, noise, t), t, text_encoder(ids)[0]).sample
         target = diffusion_target(noise_scheduler, x, noise, t)
-        if config.snr_gamma or config.x0_loss_weight is not None:
-            if config.x0_loss_weight is not None:
-                weights = x0_share_weights(noise_scheduler, t, config.x0_loss_weight)
-            else:
-                weights = min_snr_weights(noise_scheduler, t, config.snr_gamma)
-            loss = (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
-        else:
+        if config.x0_loss_weight is not None:  # (takes the place of snr_gamma when both are set)
+            weights = x0_share_weights(noise_scheduler, t, config.x0_loss_weight)
+        elif config.snr_gamma:
+            weights = min_snr_weights(noise_scheduler, t, config.snr_gamma)
+        else:  # the shipped run's loss, computed exactly as it was
+            weights = None
+        if weights is None:
             loss = F.mse_loss(prediction, target)
+        else:
+            loss = (F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3)) * weights).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
