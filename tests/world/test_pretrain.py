@@ -69,6 +69,29 @@ def test_the_zero_snr_option_ends_the_schedule_where_sampling_starts():
     assert int(scheduler.timesteps[0]) == training.config.num_train_timesteps - 1
 
 
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_the_snr_shift_divides_every_steps_snr_and_survives_a_save(tmp_path, zero_terminal_snr):
+    """Hoogeboom et al. 2023: a shift of 4 gives 16x16 latents the coarse-content SNR that 8x8 latents have."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from cns.world.pretrain import snr_shifted_betas
+
+    snr = lambda alphas_bar: alphas_bar / (1 - alphas_bar)  # noqa: E731
+    plain = dict(zero_terminal_snr=zero_terminal_snr, prediction_type="v_prediction" if zero_terminal_snr else "epsilon")
+    *_, unshifted = build_components(TinyWorldConfig(**plain), build_tokenizer())
+    *_, shifted = build_components(TinyWorldConfig(snr_shift=4.0, **plain), build_tokenizer())
+    shifted.save_pretrained(tmp_path)
+    reloaded = DDPMScheduler.from_config(DDIMScheduler.from_pretrained(tmp_path).config)  # as training and CNS load it
+    before, after = unshifted.alphas_cumprod.double(), reloaded.alphas_cumprod.double()
+    inner = slice(0, -1)  # (with zero terminal SNR, the last step's SNR is 0 in both)
+    assert torch.allclose(snr(before[inner]) / snr(after[inner]), torch.full_like(before[inner], 4.0), rtol=1e-3)
+    expected_end = 0.0 if zero_terminal_snr else float(before[-1]) / (4 - 3 * float(before[-1]))
+    assert float(after[-1]) == pytest.approx(expected_end, rel=1e-3, abs=1e-12)
+    assert reloaded.config.prediction_type == plain["prediction_type"]
+    assert torch.allclose(snr_shifted_betas(unshifted.betas, 1.0), unshifted.betas, rtol=1e-5, atol=1e-8)
+    assert unshifted.config.trained_betas is None  # the shipped schedule stays SD's, by name
+
+
 def test_cross_attention_sits_on_the_levels_the_config_names():
     config = TinyWorldConfig(unet_channels=(32, 64, 128, 128), unet_attention_levels=(1, 2))
     _, _, unet, _ = build_components(config, build_tokenizer())
@@ -282,9 +305,9 @@ def test_the_command_line_sets_every_setting_including_tuples_and_switches(monke
     monkeypatch.setattr(pretrain, "pretrain", fake_pretrain)
     pretrain.main(["--vae-channels", "32,64", "--unet-channels", "32,64,128,128", "--unet-attention-levels", "1,2",
                    "--vae-novel", "0.5", "--zero-terminal-snr", "--prediction-type", "v_prediction",
-                   "--x0-loss-weight", "0.2"])
+                   "--x0-loss-weight", "0.2", "--snr-shift", "4"])
     config = seen["config"]
-    assert config.x0_loss_weight == 0.2
+    assert config.x0_loss_weight == 0.2 and config.snr_shift == 4.0
     assert config.vae_channels == (32, 64) and config.unet_channels == (32, 64, 128, 128)
     assert config.unet_attention_levels == (1, 2) and config.vae_novel == 0.5
     assert config.zero_terminal_snr is True and config.prediction_type == "v_prediction"

@@ -84,6 +84,11 @@ class TinyWorldConfig:
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
     timestep_spacing: str = "leading"
+    # > 1: divide the schedule's SNR at every step by this (log-SNR shifted by -log(snr_shift)), stored as the
+    # scheduler's trained_betas. Hoogeboom et al. 2023 ("simple diffusion") shift by the square of the resolution
+    # ratio: 4 gives 16x16 latents the low-frequency SNR that SD's schedule gives 8x8 ones (sqrt(alpha_bar_T)
+    # 0.068 -> 0.034), where epsilon models drew backgrounds from the prompt.
+    snr_shift: float = 1.0
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); 0 = plain MSE, as shipped
     # The loss as ||eps - eps_hat||^2 + x0_loss_weight * ||x0 - x0_hat||^2, whatever the model predicts. None: the
     # prediction type's own MSE (epsilon: 0; v-prediction: 1, since the v error is the sum of the two). Zero-SNR v with
@@ -133,11 +138,29 @@ def build_components(config: TinyWorldConfig, tokenizer):
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         cross_attention_dim=config.text_width, attention_head_dim=config.unet_heads, norm_num_groups=32,
     )
+    settings = dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=config.prediction_type,
+                    rescale_betas_zero_snr=config.zero_terminal_snr, timestep_spacing=config.timestep_spacing)
     scheduler = DDIMScheduler(beta_start=config.beta_start, beta_end=config.beta_end, beta_schedule=config.beta_schedule,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              prediction_type=config.prediction_type, rescale_betas_zero_snr=config.zero_terminal_snr,
-                              timestep_spacing=config.timestep_spacing)
+                              **settings)
+    if config.snr_shift != 1.0:
+        betas = DDIMScheduler(beta_start=config.beta_start, beta_end=config.beta_end, beta_schedule=config.beta_schedule,
+                              rescale_betas_zero_snr=config.zero_terminal_snr).betas  # (shift a zero SNR: still zero)
+        scheduler = DDIMScheduler(trained_betas=snr_shifted_betas(betas, config.snr_shift).tolist(), **settings)
     return vae, text_encoder, unet, scheduler
+
+
+def snr_shifted_betas(betas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Betas whose SNR at every step is the SNR of ``betas`` divided by ``shift``.
+
+    SNR_t = alpha_bar_t / (1 - alpha_bar_t); a shift of s keeps alpha_bar'_t = alpha_bar_t / (s - (s - 1) alpha_bar_t)
+    (Hoogeboom et al. 2023, "simple diffusion", Sec. 3.1: log-SNR shifted by -2 log(d / 64) for d-pixel images;
+    Esser et al. 2024, SD3, Sec. 5.3.2). Averaging n x n pixels of the noise leaves it 1 / n of its deviation, so an
+    image's coarse content is that much less hidden than its pixels; at twice the resolution a shift of 4 hides it
+    as well as before."""
+    alphas_bar = torch.cumprod(1.0 - betas.double(), dim=0)
+    shifted = alphas_bar / (shift - (shift - 1.0) * alphas_bar)
+    previous = torch.cat([shifted.new_ones(1), shifted[:-1]])
+    return (1.0 - shifted / previous).to(betas.dtype)
 
 
 def _lr(step: int, steps: int, base: float, warmup: int) -> float:
@@ -417,7 +440,7 @@ def recipe_pool(config: TinyWorldConfig, share: float, work: Path, workers: int 
 
 
 _LATER_SETTINGS = ("legible", "unet_attention_levels", "vae_novel", "beta_schedule", "beta_start", "beta_end",
-                   "prediction_type", "zero_terminal_snr", "timestep_spacing", "x0_loss_weight")
+                   "prediction_type", "zero_terminal_snr", "timestep_spacing", "x0_loss_weight", "snr_shift")
 
 
 def pretrain(work: Path, out: Path, config: TinyWorldConfig, workers: int = 2, progress: bool = True) -> dict:
