@@ -261,6 +261,28 @@ def test_min_snr_weights_cap_the_low_noise_steps_only():
     assert w[0] < 0.01 and w[-1] == 1.0 and torch.all(w[:-1] <= w[1:])  # nearly clean steps weigh least
 
 
+def test_min_snr_weights_on_the_v_mse_weigh_the_x0_error_by_the_capped_snr():
+    """Hang et al. 2023 in x0 terms; with v = a eps - s x0, ||x0 - x0_hat||^2 = s^2 ||v - v_hat||^2."""
+    from diffusers import DDPMScheduler
+
+    from cns.world.pretrain import min_snr_weights
+
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    t = torch.tensor([0, 100, 500, 999])
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 3, 3, generator=g), torch.randn(4, 4, 3, 3, generator=g)
+    v_hat = scheduler.get_velocity(x0, noise, t) + 0.3 * torch.randn(x0.shape, generator=g)
+    x_t = scheduler.add_noise(x0, noise, t)
+    a = scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    per_sample = lambda e: e.pow(2).mean(dim=(1, 2, 3))  # noqa: E731
+    weighted_v = min_snr_weights(scheduler, t, 5.0) * per_sample(v_hat - scheduler.get_velocity(x0, noise, t))
+    assert torch.allclose(weighted_v, torch.clamp(snr, max=5.0) * per_sample(a * x_t - s * v_hat - x0), atol=1e-5)
+    assert torch.isfinite(weighted_v).all() and weighted_v[-1] == 0  # zero SNR: no x0 signal to weigh
+
+
 @pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
 def test_x0_share_weights_make_the_loss_epsilon_error_plus_a_share_of_the_x0_error(prediction_type):
     from diffusers import DDPMScheduler

@@ -310,13 +310,18 @@ def encode_pool(vae, images: np.ndarray, batch: int = 128) -> tuple[torch.Tensor
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Per-sample loss weights min(SNR(t), gamma) / SNR(t) for an epsilon-predicting model
-    (Min-SNR-gamma, Hang et al. 2023, Eq. 9); all ones when ``gamma`` is 0."""
+    """Per-sample weights on the MSE of the scheduler's prediction type that make the loss
+    min(SNR(t), gamma) * ||x0 - x0_hat||^2 (Min-SNR-gamma, Hang et al. 2023, Eq. 9): min(SNR, gamma) / SNR on the
+    epsilon MSE, min(SNR, gamma) / (SNR + 1) on the v MSE (finite at zero terminal SNR); all ones when ``gamma`` is 0."""
     if not gamma:
         return torch.ones(timesteps.shape)
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"snr_gamma needs epsilon or v-prediction, not {noise_scheduler.config.prediction_type}")
     return torch.clamp(snr, max=gamma) / snr
 
 
