@@ -315,6 +315,14 @@ def test_x0_share_weights_make_the_loss_epsilon_error_plus_a_share_of_the_x0_err
         assert x0_share_weights(scheduler, t, 0.2)[-1] == pytest.approx(0.2)
 
 
+def test_the_config_refuses_two_loss_weightings_and_a_shift_that_is_not_positive():
+    with pytest.raises(ValueError, match="choose one"):
+        TinyWorldConfig(snr_gamma=5.0, x0_loss_weight=0.2)
+    with pytest.raises(ValueError, match="positive"):
+        TinyWorldConfig(snr_shift=0.0)
+    assert TinyWorldConfig(x0_loss_weight=0.0).snr_gamma == 0.0  # one weighting alone is fine
+
+
 def test_the_command_line_sets_every_setting_including_tuples_and_switches(monkeypatch):
     import cns.world.pretrain as pretrain
 

@@ -101,6 +101,12 @@ class TinyWorldConfig:
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.x0_loss_weight is not None and self.snr_gamma:
+            raise ValueError("x0_loss_weight and snr_gamma each set the loss weights: choose one")
+        if self.snr_shift <= 0:
+            raise ValueError(f"snr_shift must be positive, not {self.snr_shift}")
+
 
 def build_tokenizer(max_length: int = 32):
     from .render import vocabulary_words
@@ -387,7 +393,7 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config
             group["lr"] = _lr(step, config.unet_steps, config.unet_lr, config.warmup)
         prediction = unet(noise_scheduler.add_noise(x, noise, t), t, text_encoder(ids)[0]).sample
         target = diffusion_target(noise_scheduler, x, noise, t)
-        if config.x0_loss_weight is not None:  # (takes the place of snr_gamma when both are set)
+        if config.x0_loss_weight is not None:  # (the config refuses both at once)
             weights = x0_share_weights(noise_scheduler, t, config.x0_loss_weight)
         elif config.snr_gamma:
             weights = min_snr_weights(noise_scheduler, t, config.snr_gamma)
