@@ -87,12 +87,14 @@ class TinyWorldConfig:
     # > 1: divide the schedule's SNR at every step by this (log-SNR shifted by -log(snr_shift)), stored as the
     # scheduler's trained_betas. Hoogeboom et al. 2023 ("simple diffusion") shift by the square of the resolution
     # ratio: 4 gives 16x16 latents the low-frequency SNR that SD's schedule gives 8x8 ones (sqrt(alpha_bar_T)
-    # 0.068 -> 0.034), where epsilon models drew backgrounds from the prompt.
+    # 0.068 -> 0.034), where epsilon models drew backgrounds from the prompt. Measured: it did not make an f = 2
+    # epsilon model do so (docs/world/pretraining.md); --x0-loss-weight did.
     snr_shift: float = 1.0
     snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023); 0 = plain MSE, as shipped
     # The loss as ||eps - eps_hat||^2 + x0_loss_weight * ||x0 - x0_hat||^2, whatever the model predicts. None: the
     # prediction type's own MSE (epsilon: 0; v-prediction: 1, since the v error is the sum of the two). Zero-SNR v with
-    # 0.2: shapes 0.940, but styles drawn flat, mean 0.785 (measured, not shipped: docs/world/pretraining.md).
+    # 0.2: shapes 0.940, but styles drawn flat, mean 0.785. Epsilon on SD's schedule with 0.2: backgrounds from the
+    # prompt, styles kept, mean 0.831 / 0.840 (measured, not shipped yet: docs/world/pretraining.md).
     x0_loss_weight: float | None = None
     caption_dropout: float = 0.1  # empty caption: classifier-free guidance
     attribute_drop: float = 0.15
