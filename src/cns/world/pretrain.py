@@ -146,14 +146,14 @@ def build_components(config: TinyWorldConfig, tokenizer):
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         cross_attention_dim=config.text_width, attention_head_dim=config.unet_heads, norm_num_groups=32,
     )
-    settings = dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=config.prediction_type,
-                    rescale_betas_zero_snr=config.zero_terminal_snr, timestep_spacing=config.timestep_spacing)
-    scheduler = DDIMScheduler(beta_start=config.beta_start, beta_end=config.beta_end, beta_schedule=config.beta_schedule,
-                              **settings)
+    schedule = dict(beta_start=config.beta_start, beta_end=config.beta_end, beta_schedule=config.beta_schedule)
+    shifted = None
     if config.snr_shift != 1.0:
-        betas = DDIMScheduler(beta_start=config.beta_start, beta_end=config.beta_end, beta_schedule=config.beta_schedule,
-                              rescale_betas_zero_snr=config.zero_terminal_snr).betas  # (shift a zero SNR: still zero)
-        scheduler = DDIMScheduler(trained_betas=snr_shifted_betas(betas, config.snr_shift).tolist(), **settings)
+        betas = DDIMScheduler(**schedule, rescale_betas_zero_snr=config.zero_terminal_snr).betas  # (a zero SNR stays 0)
+        shifted = snr_shifted_betas(betas, config.snr_shift).tolist()
+    scheduler = DDIMScheduler(**schedule, trained_betas=shifted, clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1, prediction_type=config.prediction_type,
+                              rescale_betas_zero_snr=config.zero_terminal_snr, timestep_spacing=config.timestep_spacing)
     return vae, text_encoder, unet, scheduler
 
 
@@ -326,11 +326,7 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return torch.clamp(snr, max=gamma) / (snr + 1)
-    if noise_scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"snr_gamma needs epsilon or v-prediction, not {noise_scheduler.config.prediction_type}")
-    return torch.clamp(snr, max=gamma) / snr
+    return _on_prediction_mse(noise_scheduler, snr, torch.clamp(snr, max=gamma), "snr_gamma")
 
 
 def x0_share_weights(noise_scheduler, timesteps: torch.Tensor, x0_weight: float) -> torch.Tensor:
@@ -344,11 +340,18 @@ def x0_share_weights(noise_scheduler, timesteps: torch.Tensor, x0_weight: float)
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(noise_scheduler, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return (snr + x0_weight) / (snr + 1)
-    if noise_scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"x0_loss_weight needs epsilon or v-prediction, not {noise_scheduler.config.prediction_type}")
-    return (snr + x0_weight) / snr
+    return _on_prediction_mse(noise_scheduler, snr, snr + x0_weight, "x0_loss_weight")
+
+
+def _on_prediction_mse(noise_scheduler, snr: torch.Tensor, x0_error_weight: torch.Tensor, setting: str) -> torch.Tensor:
+    """Weights on the MSE of the scheduler's prediction type that weigh ||x0 - x0_hat||^2 by ``x0_error_weight``:
+    that error is the epsilon MSE / SNR and the v MSE / (SNR + 1) (Salimans & Ho 2022, Sec. 4)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "v_prediction":
+        return x0_error_weight / (snr + 1)
+    if prediction_type != "epsilon":
+        raise ValueError(f"{setting} needs epsilon or v-prediction, not {prediction_type}")
+    return x0_error_weight / snr
 
 
 def train_unet(unet, text_encoder, tokenizer, scheduler, latents, scenes, config: TinyWorldConfig, work: Path,
