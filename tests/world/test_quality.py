@@ -68,3 +68,30 @@ def test_the_vae_check_compares_each_concept_with_the_world_at_the_models_size()
     assert report["within_2x"] == sum(r <= 2 for r in report["concept_mse_ratio"].values())
     # dark scenes (the navy backgrounds) lose less energy than the pale world: the check tells them apart
     assert len(set(report["concept_mse_ratio"].values())) > 1
+    spread = report["world_mse_spread"]
+    assert spread["median"] <= spread["p90"] <= spread["p99"] <= spread["max"] and world <= spread["max"]
+    # a concept's percentile among the world's per-image errors rises with its error, and it is
+    # 100 exactly for the concepts above every world image
+    percentile = report["concept_world_percentile"]
+    by_error = sorted(report["concept_mse"], key=report["concept_mse"].get)
+    assert [percentile[name] for name in by_error] == sorted(percentile.values())
+    assert all(0 <= p <= 100 for p in percentile.values()) and len(set(percentile.values())) > 1
+    assert report["above_world_max"] == sum(report["concept_mse"][n] > spread["max"] for n in percentile)
+    assert report["above_world_max"] == sum(p == 100 for p in percentile.values())
+    assert 0 < report["world_within_2x"] <= 1
+    assert (report["world_within_2x"] == 1) == (spread["max"] <= 2 * world)
+
+
+def test_vae_reconstruction_errors_are_each_images_own_mse():
+    import numpy as np
+
+    from cns.world.pretrain import vae_reconstruction_errors, vae_reconstruction_mse
+
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    images[2] = 127  # almost black in [-1, 1]: almost no error under the dimming round trip
+    errors = vae_reconstruction_errors(_DimmingVAE(), images, batch=2)
+    pixels = images / 127.5 - 1
+    expected = ((0.1 * pixels) ** 2).reshape(5, -1).mean(1)  # x - 0.9 x
+    assert errors == pytest.approx(expected, rel=1e-5)
+    assert errors[2] < 1e-4 < errors.min(where=np.arange(5) != 2, initial=1)
+    assert vae_reconstruction_mse(_DimmingVAE(), images) == pytest.approx(expected.mean(), rel=1e-5)

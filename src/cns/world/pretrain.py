@@ -288,13 +288,19 @@ def refine_decoder(vae, images: np.ndarray, config: TinyWorldConfig, work: Path,
 
 
 @torch.no_grad()
-def vae_reconstruction_mse(vae, images: np.ndarray, batch: int = 64) -> float:
-    """Mean squared error (pixels in [-1, 1]) of decode(mean of encode(x))."""
+def vae_reconstruction_errors(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Each image's mean squared error (pixels in [-1, 1]) of decode(mean of encode(x))."""
     errors = []
     for start in range(0, len(images), batch):
         x = _to_pixels(images[start:start + batch])
-        errors.append(F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x, reduction="sum").item())
-    return sum(errors) / (len(images) * images[0].size)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        errors.append((y - x).double().pow(2).flatten(1).mean(1).numpy())
+    return np.concatenate(errors)
+
+
+def vae_reconstruction_mse(vae, images: np.ndarray, batch: int = 64) -> float:
+    """Mean squared error (pixels in [-1, 1]) of decode(mean of encode(x)) over all images."""
+    return float(vae_reconstruction_errors(vae, images, batch).mean())
 
 
 @torch.no_grad()
