@@ -88,7 +88,7 @@ def test_vae_reconstruction_errors_are_each_images_own_mse():
     from cns.world.pretrain import vae_reconstruction_errors, vae_reconstruction_mse
 
     images = np.random.default_rng(0).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
-    images[2] = 127  # almost black in [-1, 1]: almost no error under the dimming round trip
+    images[2] = 127  # mid grey, about 0 in [-1, 1]: almost no error under the dimming round trip
     errors = vae_reconstruction_errors(_DimmingVAE(), images, batch=2)
     pixels = images / 127.5 - 1
     expected = ((0.1 * pixels) ** 2).reshape(5, -1).mean(1)  # x - 0.9 x
