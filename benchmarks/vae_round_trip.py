@@ -22,7 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import numpy as np
-import torch
 
 
 def main(argv=None) -> int:
@@ -40,7 +39,6 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the concepts' example images")
     args = parser.parse_args(argv)
 
-    torch.set_grad_enabled(False)
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").eval()
     scorer = ClipScorer.from_pretrained(args.evaluator, device="cpu")
     size = vae.config.sample_size
