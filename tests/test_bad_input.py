@@ -286,7 +286,7 @@ def test_concepts_list_with_images_too(capsys, lib, tmp_path, concept_folders):
 def test_generate_with_unknown_token_warns_once(capsys, lib, tmp_path):
     before = snapshot(lib)
     out_dir = tmp_path / "images"
-    rc, out, err = run(capsys, "generate", lib, "a <new1> dog beside a <zebra9> hat", "-n", 1, "--steps", 1,
+    rc, out, err = run(capsys, "generate", lib, "a <new1> <zebra9>", "-n", 1, "--steps", 1,
                        "--out", out_dir)
     assert rc == 0, err
     assert "Traceback" not in out + err
@@ -308,15 +308,21 @@ def test_generate_with_nothing_to_do(capsys, lib, tmp_path, args, keywords):
 
 
 @pytest.mark.parametrize("args, keywords", [
-    (["--steps", "-1"], ["steps must be >= 0"]),
-    (["--batch-size", "0"], ["batch size >= 1"]),
+    (["--steps", "-1"], ["--steps must be >= 1", "got -1"]),
+    (["--steps", "0"], ["--steps must be >= 1", "got 0"]),
+    (["--batch-size", "0"], ["--batch-size must be >= 1"]),
     (["--select-ratio", "1.5"], ["select ratio", "1.5"]),
     (["--resolution", "0"], ["resolution", "got 0"]),
     (["--resolution", "-16"], ["resolution", "got -16"]),
     (["--checkpoint-every", "-1"], ["checkpoint every", "got -1"]),
-    (["--lambda-keep", "-2"], ["lambda keep", "got -2"]),
-], ids=["steps", "batch-size", "select-ratio", "resolution-0", "resolution-negative", "checkpoint-every",
-        "lambda-keep"])
+    (["--lambda-keep", "-2"], ["--lambda-keep", "got -2"]),
+    (["--lr-neurons", "nan"], ["--lr-neurons", "finite", "got nan"]),
+    (["--lr-embedding", "inf"], ["--lr-embedding", "finite", "got inf"]),
+    (["--lr-neurons", "0"], ["--lr-neurons", "> 0"]),
+    (["--prior-loss-weight", "-1"], ["--prior-loss-weight", ">= 0"]),
+    (["--class-image-steps", "0"], ["--class-image-steps must be >= 1"]),
+], ids=["steps-negative", "steps-zero", "batch-size", "select-ratio", "resolution-0", "resolution-negative", "checkpoint-every",
+        "lambda-keep", "lr-nan", "lr-inf", "lr-zero", "prior-weight", "class-image-steps"])
 def test_learn_with_bad_settings(capsys, lib, concept_folders, args, keywords):
     assert_refused(capsys, ["learn", lib, "--images", concept_folders[1], "--class-word", "cat", "--quiet", *args],
                    keywords, lib)
@@ -378,8 +384,8 @@ def test_images_smaller_than_the_model_are_learned_with_a_warning(capsys, lib, t
     folder = write_dummy_images(tmp_path / "tiny", count=2, size=8)  # the dummy model draws 16 px
     rc, out, err = run(capsys, "learn", lib, "--images", folder, "--class-word", "cat", *FAST_ARGS)
     assert rc == 0, err
-    assert err.strip().splitlines() == [f"warning: {n} is 8x8 px, smaller than the model's 16 px"
-                                        for n in ("00.png", "01.png")]
+    assert err.strip().splitlines() == ["warning: 2 of 2 images are smaller than the model's 16 px "
+                                        "(first: 00.png, 8x8 px)"]  # one line, however many images
     assert out.startswith("learned <new2> (cat)")
 
 

@@ -144,16 +144,38 @@ def test_a_different_base_model_is_refused(tmp_path, base_model, concept_folders
         library.load_pipeline()
 
 
-def test_orphans_of_a_crashed_writer_are_removed(three_concept_library, concept_folders):
+def test_orphans_of_a_crashed_writer_are_removed_by_their_marker_only(three_concept_library, concept_folders):
+    from cns.storage import make_owned_dir
+
     library, _ = three_concept_library
-    (library.path / ".staging-deadbeef").mkdir()
+    # what a killed learn leaves: a staging folder and an unreferenced task folder, both marked
+    make_owned_dir(library.path / ".staging-deadbeef", "learn")
     (library.path / ".staging-deadbeef" / "values.safetensors").write_bytes(b"partial")
-    (library.path / "tasks" / "0004").mkdir()
+    make_owned_dir(library.path / "tasks" / "0004", "task")
     (library.path / "tasks" / "0004" / "task.json").write_text("{}")
+    (library.path / ".staging-0").mkdir()  # killed before its marker was written: empty
+    # the user's folders, with names like cns's: never touched
+    (library.path / ".staging-mine").mkdir()
+    (library.path / ".staging-mine" / "notes.txt").write_text("mine")
+    (library.path / "tasks" / "backup-0001").mkdir()
+    (library.path / "tasks" / "backup-0001" / "values.safetensors").write_bytes(b"my backup")
     records = library.learn([ConceptSpec(concept_folders[0], "bird")], fast_config(), progress=False)
     assert records[0]["token"] == "<new4>"
-    assert not list(library.path.glob(".staging-*"))
+    assert sorted(p.name for p in library.path.glob(".staging-*")) == [".staging-mine"]
+    assert (library.path / ".staging-mine" / "notes.txt").read_text() == "mine"
+    assert (library.path / "tasks" / "backup-0001" / "values.safetensors").read_bytes() == b"my backup"
     assert json.loads((library.path / "tasks" / "0004" / "task.json").read_text())["concepts"][0]["token"] == "<new4>"
+    assert library.verify() == []
+
+
+def test_a_task_folder_name_taken_by_the_user_is_never_replaced(three_concept_library, concept_folders):
+    library, _ = three_concept_library
+    (library.path / "tasks" / "0004").mkdir()
+    (library.path / "tasks" / "0004" / "task.json").write_text('{"mine": true}')
+    library.learn([ConceptSpec(concept_folders[0], "bird")], fast_config(), progress=False)
+    assert (library.path / "tasks" / "0004" / "task.json").read_text() == '{"mine": true}'
+    assert library.tasks[-1]["dir"] == "tasks/0004-2"
+    assert library.verify() == [] and library.tokens[-1] == "<new4>"
 
 
 def test_prior_images_are_generated_once_and_cached(empty_library, concept_folders):

@@ -266,7 +266,9 @@ def test_sigkill_at_random_moments_never_loses_or_corrupts_the_library(worker, t
         assert held in (tokens, tokens + [token]), (held, tokens, lines[-3:])
         if held == tokens + [token]:  # committed (by a finished run, or one killed after its manifest)
             tokens, concept = held, concept + 1
-            assert all(not name.startswith((".staging", "tasks/")) for name in leftovers(lib)), leftovers(lib)
+            # no unreferenced task; a staging folder may still hold the class images that move into the
+            # cache after the manifest (the next learn removes it)
+            assert all(not name.startswith("tasks/") for name in leftovers(lib)), leftovers(lib)
         elif kills % 3 == 0:  # every third kill, the same learn is simply run again to completion
             again = worker.start(args)
             assert again.finish() == 0, again.stderr()

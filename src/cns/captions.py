@@ -83,20 +83,42 @@ class TransformersCaptioner:
         return captions
 
 
+def _read_caption_text(path: Path) -> str:
+    """The text of a caption file, or a CNSError naming it (missing, a folder, unreadable, not UTF-8)."""
+    if path.is_dir():
+        raise CNSError(f"caption file {path} is a folder, not a file")
+    if not path.exists():
+        raise CNSError(f"caption file {path} does not exist")
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        raise CNSError(f"cannot read caption file {path}: permission denied") from None
+    except OSError as exc:
+        raise CNSError(f"cannot read caption file {path}: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8-sig")  # a leading BOM (Notepad) is dropped
+    except UnicodeDecodeError as exc:
+        raise CNSError(f"caption file {path} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} "
+                       f"at offset {exc.start})") from None
+
+
 def read_caption_file(path: str | Path) -> dict[str, str]:
-    """A caption file: JSON ``{"file name": "caption"}``, or text lines ``file name<TAB>caption``
+    """A UTF-8 caption file: JSON ``{"file name": "caption"}``, or text lines ``file name<TAB>caption``
     (``file name: caption`` also works). Blank lines and ``#`` comments are skipped."""
     path = Path(path)
-    if not path.is_file():
-        raise CNSError(f"caption file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = _read_caption_text(path)
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CNSError(f"caption file {path} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise CNSError(f"caption file {path} must map file names to caption strings")
+        if not isinstance(data, dict):
+            raise CNSError(f"caption file {path} must be a JSON object mapping file names to captions, "
+                           f"not a {type(data).__name__}")
+        for key, value in data.items():
+            if not isinstance(value, str):
+                kind = "null" if value is None else type(value).__name__
+                raise CNSError(f"caption file {path}: the caption of {key!r} must be a string, not {kind}")
         return {str(k): v.strip() for k, v in data.items()}
     captions = {}
     for number, line in enumerate(text.splitlines(), 1):
@@ -106,6 +128,8 @@ def read_caption_file(path: str | Path) -> dict[str, str]:
         if sep is None:
             raise CNSError(f"{path}:{number}: expected 'file name<TAB>caption'")
         name, caption = line.split(sep, 1)
+        if not name.strip():
+            raise CNSError(f"{path}:{number}: no file name before the caption")
         captions[name.strip()] = caption.strip()
     return captions
 

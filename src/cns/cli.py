@@ -74,20 +74,25 @@ def cmd_learn(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .generate import image_grid
+    from .generate import check_output_files, image_grid, save_images
     from .library import ConceptLibrary
 
     if args.n < 1 or args.steps < 1:
         raise CNSError(f"generate needs -n >= 1 and --steps >= 1 (got -n {args.n}, --steps {args.steps})")
+    for flag, size in (("--height", args.height), ("--width", args.width)):
+        if size is not None and size < 1:
+            raise CNSError(f"{flag} must be a positive number of pixels, got {size}")
+    out = Path(args.out)
+    names = [f"{args.seed + i:05d}.png" for i in range(args.n)] + ["grid.png"]
+    check_output_files(out, names, overwrite=args.force)  # before any drawing
     library = ConceptLibrary(args.library)
     images = library.generate(args.prompt, n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
                               height=args.height, width=args.width, negative_prompt=args.negative_prompt,
                               device=args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        image.save(out / f"{args.seed + i:05d}.png")
-    image_grid(images).save(out / "grid.png")
+    parameters = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "steps": args.steps,
+                  "guidance": args.guidance, "library": str(library.path)}
+    save_images(out, dict(zip(names, [*images, image_grid(images)])), parameters, seed=args.seed,
+                overwrite=args.force)
     print(f"wrote {len(images)} images and grid.png to {out}")
     return 0
 
@@ -99,13 +104,23 @@ def _refuse_damaged(library, problems: list[str]) -> None:
     for problem in problems:
         print(f"problem: {problem}")
     raise CNSError(f"library {library.path} failed its integrity check: {len(problems)} problem(s), first: "
-                   f"{problems[0]}")
+                   f"{problems[0]}; `cns check {library.path} --repair` sets the damaged task(s) aside")
 
 
 def cmd_check(args) -> int:
     from .library import ConceptLibrary
 
     library = ConceptLibrary(args.library)
+    if args.repair:
+        records = library.repair()
+        for r in records:
+            print(f"set aside task {r['task']} ({', '.join(r['tokens']) or 'no tokens'}) to {library.path / r['moved_to']}: "
+                  f"{r['problems'][0]}")
+            if r["later_tokens_kept"]:
+                print(f"  kept {', '.join(r['later_tokens_kept'])}, learned after it: they keep their own values, "
+                      "but were trained with it in the model (relearn one if it no longer looks right)")
+        if not records:
+            print("nothing to repair")
     _refuse_damaged(library, library.verify(check_base=args.base))
     files = sum(len(t.get("files", {})) for t in library.tasks)
     print(f"library {library.path} is sound: format {library.manifest['format_version']}, {len(library.tasks)} "
@@ -132,6 +147,21 @@ def cmd_show(args) -> int:
     for c in summary["concepts"]:
         print(f"{c['token']:<12} {c['class_word']:<12} {c['images']:>6} {c['neurons']:>9,} "
               f"{c['density']:>8.3%} {c['overlap_with_earlier']:>8,}")
+    return 0
+
+
+def cmd_remove(args) -> int:
+    from .library import ConceptLibrary
+
+    library = ConceptLibrary(args.library)
+    records = library.remove(args.tokens)
+    for r in records:
+        if r["later_tokens_kept"]:
+            why = (f"no later task trained any of its K/V elements, so they return to their values before it; "
+                   f"{', '.join(r['later_tokens_kept'])} keep their own values")
+        else:
+            why = "it was the last task: the library is as it was before it"
+        print(f"took back {', '.join(r['tokens'])} (task {r['task']}), moved to {library.path / r['moved_to']}: {why}")
     return 0
 
 
@@ -235,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--negative-prompt")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when there is one)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="folder for the images (NNNNN.png by seed, and grid.png)")
+    p.add_argument("--force", action="store_true",
+                   help="replace images an earlier `cns generate` wrote there (never any other file)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("show", help="list concepts, neuron counts, overlaps")
@@ -246,10 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="verify a library's files: versions, checksums, shapes, masks vs values")
     p.add_argument("library")
     p.add_argument("--base", action="store_true", help="also load the base model and confirm it is the library's")
+    p.add_argument("--repair", action="store_true",
+                   help="move each damaged task aside into LIB/damaged/ (never deleted) so the rest works again")
     p.set_defaults(func=cmd_check)
 
+    p = sub.add_parser("remove", help="take back a learned concept (its task), moved aside into LIB/removed/")
+    p.add_argument("library")
+    p.add_argument("tokens", nargs="+", metavar="TOKEN",
+                   help="the concept's token; the last task can always be taken back, an earlier one when no later "
+                        "task shares its K/V elements")
+    p.set_defaults(func=cmd_remove)
+
     p = sub.add_parser("demo", help="the tiny world demo: learn concepts one after another, draw, measure")
-    p.add_argument("--out", default="cns-demo")
+    p.add_argument("--out", default="cns-demo",
+                   help="folder for the report, images and library (default: cns-demo). It must be new or "
+                   "empty, or one an earlier demo wrote: then that demo's files (listed in its .cns-demo.json) "
+                   "are replaced and nothing else is touched; a folder with files cns did not make is refused")
     p.add_argument("--concepts", nargs="+", help="tiny-world concept names (default: an object, a scene, a style, "
                    "a creature)")
     p.add_argument("--steps", type=int, help="training steps per concept")
@@ -324,7 +368,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; the library is unchanged", file=sys.stderr)
         return 130
-    except Exception as exc:  # never a traceback for users; --debug shows it
+    except OSError as exc:  # a file the command needed, named with the system's reason
+        if args.debug:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # the last resort: never a traceback for users; --debug shows it
         if args.debug:
             raise
         text = str(exc).strip().splitlines()

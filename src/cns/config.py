@@ -6,7 +6,12 @@ calibration prompts) and ``METHOD.md`` where it does not; the latter are marked 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["LearnConfig"]
 
@@ -56,16 +61,27 @@ class LearnConfig:
         from .errors import CNSError
         from .neurons import SELECTION_RULES
 
+        for name in ("lr_embedding", "lr_neurons"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value <= 0:
+                raise CNSError(f"{_flag(name)} must be a finite learning rate > 0, got {value}")
+        for name in ("lambda_previous", "lambda_pretrained", "lambda_keep", "prior_loss_weight", "class_image_guidance",
+                     "select_ratio"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < 0:
+                raise CNSError(f"{_flag(name)} must be a finite number >= 0, got {value}")
         if self.select_rule not in SELECTION_RULES:
             raise CNSError(f"unknown selection rule {self.select_rule!r}; choose from {', '.join(SELECTION_RULES)}")
         if self.select_rule != "threshold" and not 0 < self.select_ratio <= 1:
             raise CNSError(f"select ratio must lie in (0, 1], got {self.select_ratio}")
         if self.neurons not in ("concept", "random", "all"):
             raise CNSError(f"neurons must be concept, random or all, got {self.neurons!r}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise CNSError("steps must be >= 0 and batch size >= 1")
-        if self.lambda_keep < 0:
-            raise CNSError(f"lambda keep must be >= 0 (0: off), got {self.lambda_keep}")
+        if self.steps < 1:
+            raise CNSError(f"--steps must be >= 1 (a concept needs training), got {self.steps}")
+        if self.batch_size < 1:
+            raise CNSError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.class_image_steps < 1:
+            raise CNSError(f"--class-image-steps must be >= 1, got {self.class_image_steps}")
         if self.checkpoint_every < 0:
             raise CNSError(f"checkpoint every must be >= 0 steps (0: no checkpoints), got {self.checkpoint_every}")
         if self.resolution is not None and self.resolution < 1:
@@ -83,6 +99,15 @@ class LearnConfig:
             raise CNSError(f"mixed precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.attention_slicing not in ("no", "auto", "max"):
             raise CNSError(f"attention slicing must be no, auto or max, got {self.attention_slicing!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a setting."""
+    return "--" + name.replace("_", "-")
 
 
 def resolve_device(device: str | None) -> "torch.device":

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 from PIL import Image
 
-from .tokens import find_tokens
+from . import __version__
+from .errors import CNSError
+from .tokens import find_tokens, normalize_token
 
-__all__ = ["generate_images", "image_grid", "unknown_tokens"]
+__all__ = ["generate_images", "image_grid", "unknown_tokens", "check_output_files", "save_images", "made_by_cns"]
+
+PNG_KEY = "cns"  # the PNG text chunk that marks an image cns wrote
 
 
-def unknown_tokens(prompt: str, known: Iterable[str]) -> list[str]:
-    """The ``<token>``s written in ``prompt`` that the library has not learned."""
-    known = set(known)
-    return [t for t in find_tokens(prompt) if t not in known]
+def unknown_tokens(prompt: str, known: Iterable[str], tokenizer=None) -> list[str]:
+    """The ``<token>``s written in ``prompt`` that the library has not learned (compared in the
+    form ``tokenizer`` normalizes them to, when given)."""
+    def norm(token: str) -> str:
+        return normalize_token(token, tokenizer) if tokenizer is not None else token
+
+    known = {norm(t) for t in known}
+    return [t for t in find_tokens(prompt) if norm(t) not in known]
 
 
 def generate_images(
@@ -73,3 +84,56 @@ def image_grid(images: Sequence[Image.Image], cols: int | None = None, pad: int 
         r, c = divmod(i, cols)
         grid.paste(image.convert("RGB").resize((w, h)), (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
+
+
+def made_by_cns(path: Path) -> bool:
+    """Whether the PNG at ``path`` carries the text chunk :func:`save_images` writes."""
+    try:
+        with Image.open(path) as image:
+            return PNG_KEY in getattr(image, "text", {})
+    except Exception:  # not an image, or unreadable: not ours
+        return False
+
+
+def check_output_files(out: Path, names: Sequence[str], overwrite: bool = False) -> None:
+    """Refuse, before anything is drawn, an ``out`` that is a file, and any of ``names`` that
+    exists in it, unless ``overwrite`` and cns wrote it (a user's file is never replaced)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CNSError(f"--out {out} is a file; give a folder for the images")
+    for name in names:
+        path = out / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        if not overwrite:
+            raise CNSError(f"{path} already exists; choose another --out, or pass --force to replace the images an "
+                           "earlier `cns generate` wrote there")
+        if path.is_symlink() or not path.is_file() or not made_by_cns(path):
+            raise CNSError(f"{path} was not written by cns generate; it is never replaced: choose another --out")
+
+
+def save_images(out: Path, images: dict[str, Image.Image], parameters: dict, seed: int, overwrite: bool = False) -> None:
+    """Write ``{name: image}`` into ``out`` as PNGs that say how they were made (A1111's
+    ``parameters`` text, read by image viewers and web UIs, and cns's own chunk). Each file is
+    written beside its name, then renamed into place; see :func:`check_output_files`."""
+    from PIL import PngImagePlugin
+
+    out = Path(out)
+    check_output_files(out, list(images), overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    for offset, (name, image) in enumerate(images.items()):
+        info = PngImagePlugin.PngInfo()
+        lines = [parameters.get("prompt") or ""]
+        if parameters.get("negative_prompt"):
+            lines.append(f"Negative prompt: {parameters['negative_prompt']}")
+        image_seed = seed + offset if name != "grid.png" else seed
+        lines.append(f"Steps: {parameters.get('steps')}, CFG scale: {parameters.get('guidance')}, Seed: {image_seed}, "
+                     f"Size: {image.width}x{image.height}")
+        info.add_text("parameters", "\n".join(lines))
+        info.add_text(PNG_KEY, json.dumps(dict(parameters, seed=image_seed, made_by=f"cns {__version__}")))
+        tmp = out / f".{name}.{os.getpid()}.tmp"
+        try:
+            image.save(tmp, format="PNG", pnginfo=info)
+            os.replace(tmp, out / name)
+        finally:
+            tmp.unlink(missing_ok=True)

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from .errors import CNSError, LibraryLockedError
 
-__all__ = ["disk_error", "write_json_atomic", "read_json", "file_sha256", "fsync_tree", "exclusive_lock", "remove_tree"]
+__all__ = ["disk_error", "write_json_atomic", "read_json", "file_sha256", "fsync_tree", "exclusive_lock", "remove_tree",
+           "OWNED_MARKER", "make_owned_dir", "is_owned"]
+
+# A folder that cns makes inside a library for its own use (a staging folder, a task, a training
+# checkpoint) holds this file; cleanup removes only folders that hold it, never one by its name.
+OWNED_MARKER = ".cns-owned"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -77,6 +82,19 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def make_owned_dir(path: Path, kind: str) -> Path:
+    """Create the new folder ``path`` (it must not exist) with cns's marker in it."""
+    path = Path(path)
+    path.mkdir()
+    (path / OWNED_MARKER).write_text(json.dumps({"made_by": "cns", "kind": kind}) + "\n", encoding="utf-8")
+    return path
+
+
+def is_owned(path: Path) -> bool:
+    """Whether ``path`` is a folder cns made (it holds the marker)."""
+    return Path(path).is_dir() and (Path(path) / OWNED_MARKER).is_file()
+
+
 def disk_error(exc: OSError, path: Path) -> CNSError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return CNSError(f"disk full while writing {path}; the library is unchanged")
@@ -91,7 +109,11 @@ def exclusive_lock(folder: Path):
     run never leaves the library locked.
     """
     path = Path(folder) / ".lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise CNSError(f"cannot write to library {folder}: {exc.strerror or exc} on {path.name} (learn, remove and "
+                       "repair need write access; generate, show, check and export do not)") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

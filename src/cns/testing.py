@@ -27,17 +27,19 @@ def make_dummy_pipeline(
     cross_attention_dim: int = 32,
     prediction_type: str = "epsilon",
     words=DUMMY_WORDS,
+    max_length: int = 16,
 ):
     """A ``StableDiffusionPipeline`` of a few thousand parameters: 16x16 images, 2x2x4 ... 8x8x4
-    latents, two cross-attention blocks, a 2-layer CLIP text encoder and a CLIP tokenizer made
-    from ``words``. Deterministic for ``seed``; saved as a diffusers folder with ``save_to``."""
+    latents, two cross-attention blocks, a 2-layer CLIP text encoder reading ``max_length``
+    tokens and a CLIP tokenizer made from ``words``. Deterministic for ``seed``; saved as a
+    diffusers folder with ``save_to``."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .world.tokenizer import build_clip_tokenizer
 
     torch.manual_seed(seed)
-    tokenizer = build_clip_tokenizer(words, model_max_length=16)
+    tokenizer = build_clip_tokenizer(words, model_max_length=max_length)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
@@ -45,7 +47,7 @@ def make_dummy_pipeline(
             intermediate_size=2 * cross_attention_dim,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=16,
+            max_position_embeddings=max_length,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -8,6 +8,7 @@ move. The loop knows nothing of the library's storage: tensors in, tensors out.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,11 +19,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import LearnConfig
+from .errors import CNSError
 from .model import cross_attention_kv_layers, pipeline_tokens
 from .regularizer import anchor_basis, earlier_output_drift, neuron_regularizer, output_energy
 from .sparse import RowDeltaEmbedding, masked_update
 
-__all__ = ["Example", "TrainResult", "TrainingState", "train_task", "diffusion_target", "sparse_trainables",
+__all__ = ["Example", "TrainResult", "TrainingState", "TrainingDivergedError", "train_task", "diffusion_target", "sparse_trainables",
            "step_generator"]
 
 
@@ -37,7 +39,7 @@ class Example:
 @dataclass
 class TrainResult:
     values: dict[str, torch.Tensor]  # W_m at the task's masked elements, row-major, per layer
-    embeddings: dict[str, torch.Tensor]  # learned row per token
+    embeddings: dict[int, torch.Tensor]  # learned row per token id
     losses: list[float] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
     seconds: float = 0.0
@@ -286,10 +288,13 @@ def train_task(
                         basis,
                         [energies[n] for n in names],
                     )
+                value = float(loss.detach())
+                if not math.isfinite(value):  # checked before the step: non-finite values never reach the weights
+                    raise TrainingDivergedError(_diverged(f"the loss is {value}", step + 1, config))
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
+                losses.append(value)
                 step_seconds.append(time.perf_counter() - step_started)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 done = step + 1
@@ -306,13 +311,24 @@ def train_task(
     layers = cross_attention_kv_layers(unet)
     values = {name: layers[name].weight.detach().flatten()[flat_index[name]].float().cpu().clone() for name in masks}
     table = text_encoder.get_input_embeddings().weight.detach()
-    embeddings = {
-        tokenizer.convert_ids_to_tokens(int(i)): table[int(i)].float().cpu().clone() for i in token_ids
-    }
+    embeddings = {int(i): table[int(i)].float().cpu().clone() for i in token_ids}
+    for what, tensor in [*((f"K/V values of {n}", v) for n, v in values.items()),
+                         *((f"the embedding of token id {i}", e) for i, e in embeddings.items())]:
+        if not bool(torch.isfinite(tensor).all()):
+            raise TrainingDivergedError(_diverged(f"{what} are not finite", config.steps, config))
     return TrainResult(
         values=values, embeddings=embeddings, losses=losses, step_seconds=step_seconds, seconds=time.perf_counter() - started, steps=config.steps,
         resumed_from_step=first_step,
     )
+
+
+class TrainingDivergedError(CNSError):
+    """The loss or a trained value stopped being finite: nothing of the run may be kept."""
+
+
+def _diverged(what: str, step: int, config: LearnConfig) -> str:
+    return (f"training diverged at step {step} of {config.steps}: {what}; nothing was saved. Lower the learning "
+            f"rates (--lr-neurons {config.lr_neurons:g}, --lr-embedding {config.lr_embedding:g})")
 
 
 def _accelerator(config: LearnConfig):

@@ -59,3 +59,16 @@ def dummy_zero_shot():
         labels=[{"color": "red"}, {"color": "blue"}],
         candidates={"color": (["red", "blue"], ["a red car", "a blue car"])},
     )
+
+
+@pytest.fixture(scope="session")
+def world_words_model(tmp_path_factory):
+    """The dummy pipeline with the tiny world's words in its tokenizer and room for its captions
+    (48 tokens): tiny-world prompts, learned tokens included, are read whole."""
+    from cns.testing import DUMMY_WORDS, make_dummy_pipeline
+    from cns.world.render import vocabulary_words
+
+    path = tmp_path_factory.mktemp("world-words") / "base"
+    words = list(dict.fromkeys([*DUMMY_WORDS, *vocabulary_words()]))
+    make_dummy_pipeline(path, words=words, max_length=48)
+    return path

@@ -40,7 +40,8 @@ def test_register_adds_evaluate_with_every_setting():
     assert all(len(s) * paper.single_prompts_per_concept == 35 for s in paper.sets)
 
 
-def test_cli_runs_the_tiny_world_protocol_on_the_dummy_model(tmp_path, base_model, tiny_clip_path, capsys):
+def test_cli_runs_the_tiny_world_protocol_on_the_dummy_model(tmp_path, world_words_model, tiny_clip_path, capsys):
+    base_model = world_words_model
     out = tmp_path / "eval"
     assert main(_args(base_model, tiny_clip_path, out)) == 0
     printed = capsys.readouterr().out
@@ -64,7 +65,8 @@ def test_cli_refuses_a_missing_model_in_one_line(tmp_path, tiny_clip_path, capsy
 
 
 @pytest.mark.slow
-def test_two_processes_shard_generation_and_agree_with_one(tmp_path, base_model, tiny_clip_path):
+def test_two_processes_shard_generation_and_agree_with_one(tmp_path, world_words_model, tiny_clip_path):
+    base_model = world_words_model
     """accelerate launch with 2 CPU processes: the same numbers as one process."""
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate launcher not on PATH")

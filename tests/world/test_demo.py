@@ -71,6 +71,9 @@ def test_demo_runs_end_to_end_on_the_shipped_world(tmp_path):
         pytest.skip("tiny-world weights not built")
     settings = DemoSettings(out=tmp_path / "demo", concepts=("starry-night", "berry-heart"), steps=2,
                             num_class_images=1, images_per_prompt=1, sample_steps=2)
+    settings.out.mkdir()
+    (settings.out / "keep.txt").write_bytes(b"the user's")
+    (settings.out / ".cns-demo.json").write_text('{"made_by": "cns demo", "files": []}')  # as if killed at once
     results = run_demo(settings, progress=False)
     assert [c["name"] for c in results["concepts"]] == ["starry-night", "berry-heart"]
     for c in results["concepts"]:
@@ -84,3 +87,212 @@ def test_demo_runs_end_to_end_on_the_shipped_world(tmp_path):
     library = ConceptLibrary(out / "library")
     assert library.verify() == []
     assert [c["token"] for c in library.summary()["concepts"]] == ["<new1>", "<new2>"]
+    # the marker names every file the demo wrote: the report, the library's (its dotfiles too), ...
+    marker = json.loads((out / ".cns-demo.json").read_text())
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.is_file() and p.name not in (".cns-demo.json", "keep.txt"))
+    assert marker["made_by"] == "cns demo" and marker["files"] == written
+    assert {"report.md", "overview.png", "results.json", "library/library.json"} <= set(marker["files"])
+    assert any(f.startswith("library/") and f.split("/")[-1].startswith(".") for f in marker["files"])
+    # ... so that a second run into the same folder replaces them, and a file of the user's beside them stays
+    assert (out / "keep.txt").read_bytes() == b"the user's"
+    run_demo(settings, progress=False)
+    assert (out / "keep.txt").read_bytes() == b"the user's"
+    assert [c["token"] for c in ConceptLibrary(out / "library").summary()["concepts"]] == ["<new1>", "<new2>"]
+    assert json.loads((out / ".cns-demo.json").read_text())["files"] == written
+
+
+# --- the demo folder: cns never deletes or overwrites what it did not write (issue 25) -------------
+
+def _snapshot(folder):
+    """Every file and folder under ``folder``: path -> bytes (None for a folder)."""
+    return {p.relative_to(folder).as_posix(): (None if p.is_dir() else p.read_bytes()) for p in folder.rglob("*")}
+
+
+def _earlier_demo(folder, extra_listed=()):
+    """A folder as an earlier demo leaves it: its files, and the marker listing them."""
+    import json
+
+    files = {
+        "library/manifest.json": b"{}", "library/.lock": b"", "library/tasks/1/delta.safetensors": b"\x00\x01",
+        "images/1-a-before.png": b"png1", "images/1-a-after.png": b"png2", "concepts/a/00.png": b"png3",
+        "concepts/a/captions.json": b"{}", "report.md": b"# report", "overview.png": b"png4", "results.json": b"{}",
+    }
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    listed = sorted([*files, *extra_listed])
+    (folder / ".cns-demo.json").write_text(json.dumps({"made_by": "cns demo", "files": listed}))
+    return files
+
+
+def _marker(folder):
+    import json
+
+    return json.loads((folder / ".cns-demo.json").read_text())
+
+
+def test_demo_folder_of_the_user_is_refused_and_left_byte_identical(tmp_path):
+    import pytest
+
+    from cns.errors import CNSError
+    from cns.world.demo import prepare_demo_folder
+
+    d = tmp_path / "D"
+    (d / "mystuff").mkdir(parents=True)
+    (d / "user.txt").write_bytes(b"my notes\n")
+    (d / "mystuff" / "thesis.tex").write_bytes(b"\\documentclass{article}\n")
+    before = _snapshot(d)
+    with pytest.raises(CNSError) as error:
+        prepare_demo_folder(d)
+    message = str(error.value)
+    assert str(d) in message and "cns did not make" in message and "\n" not in message
+    assert _snapshot(d) == before
+    assert not (d / ".cns-demo.json").exists()
+
+
+def test_demo_folder_of_the_user_with_names_like_the_demos_is_refused(tmp_path):
+    """Names are no proof: without the marker, report.md and images/ are the user's."""
+    import pytest
+
+    from cns.errors import CNSError
+    from cns.world.demo import prepare_demo_folder
+
+    d = tmp_path / "D"
+    (d / "images").mkdir(parents=True)
+    (d / "images" / "holiday.png").write_bytes(b"photo")
+    (d / "report.md").write_bytes(b"my report")
+    before = _snapshot(d)
+    with pytest.raises(CNSError, match="cns did not make"):
+        prepare_demo_folder(d)
+    assert _snapshot(d) == before
+
+
+def test_demo_cli_refuses_a_user_folder_with_one_error_line(tmp_path, capsys):
+    from cns.cli import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")  # passes the model check; the folder check comes first
+    d = tmp_path / "D"
+    (d / "mystuff").mkdir(parents=True)
+    (d / "user.txt").write_bytes(b"my notes\n")
+    (d / "mystuff" / "thesis.tex").write_bytes(b"\\documentclass{article}\n")
+    before = _snapshot(d)
+    assert main(["demo", "--out", str(d), "--model", str(model), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(d) in err and len(err.splitlines()) == 1
+    assert _snapshot(d) == before
+
+
+def test_demo_folder_that_is_a_file_is_refused(tmp_path):
+    import pytest
+
+    from cns.errors import CNSError
+    from cns.world.demo import prepare_demo_folder
+
+    f = tmp_path / "D"
+    f.write_bytes(b"not a folder")
+    with pytest.raises(CNSError) as error:
+        prepare_demo_folder(f)
+    assert str(f) in str(error.value) and "not a folder" in str(error.value) and "\n" not in str(error.value)
+    assert f.read_bytes() == b"not a folder"
+
+
+def test_missing_or_empty_demo_folder_is_used_and_marked(tmp_path):
+    from cns.world.demo import prepare_demo_folder
+
+    missing = tmp_path / "new" / "D"
+    prepare_demo_folder(missing)
+    assert missing.is_dir() and [p.name for p in missing.iterdir()] == [".cns-demo.json"]
+    assert _marker(missing)["made_by"] == "cns demo" and _marker(missing)["files"] == []
+    empty = tmp_path / "E"
+    empty.mkdir()
+    prepare_demo_folder(empty)
+    assert [p.name for p in empty.iterdir()] == [".cns-demo.json"]
+    assert _marker(empty)["files"] == []
+    prepare_demo_folder(empty)  # a folder holding only the marker: a killed earlier demo
+    assert [p.name for p in empty.iterdir()] == [".cns-demo.json"]
+
+
+def test_earlier_demo_folder_is_cleared_of_its_listed_files_only(tmp_path):
+    from cns.world.demo import prepare_demo_folder
+
+    d = tmp_path / "D"
+    (d / "mystuff").mkdir(parents=True)
+    _earlier_demo(d, extra_listed=["notes.txt", "images/gone.png", "../outside.txt"])
+    (d / "notes.txt").write_bytes(b"mine")  # listed by a forged marker, but not under the demo's entries
+    (d / "mystuff" / "thesis.tex").write_bytes(b"thesis")
+    (tmp_path / "outside.txt").write_bytes(b"outside")
+    prepare_demo_folder(d)
+    assert sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) == [
+        ".cns-demo.json", "mystuff", "mystuff/thesis.tex", "notes.txt"]
+    assert (d / "notes.txt").read_bytes() == b"mine" and (d / "mystuff" / "thesis.tex").read_bytes() == b"thesis"
+    assert (tmp_path / "outside.txt").read_bytes() == b"outside"
+    assert _marker(d)["files"] == []
+
+
+def test_earlier_demo_folder_with_a_user_file_inside_its_entries_is_refused(tmp_path):
+    import pytest
+
+    from cns.errors import CNSError
+    from cns.world.demo import prepare_demo_folder
+
+    d = tmp_path / "D"
+    d.mkdir()
+    _earlier_demo(d)
+    (d / "notes.txt").write_bytes(b"mine")
+    (d / "images" / "my-drawing.png").write_bytes(b"user drawing")
+    before = _snapshot(d)
+    with pytest.raises(CNSError) as error:
+        prepare_demo_folder(d)
+    message = str(error.value)
+    assert str(d / "images" / "my-drawing.png") in message and "nothing was deleted" in message
+    assert "\n" not in message
+    assert _snapshot(d) == before
+
+
+def test_earlier_demo_folder_with_a_user_folder_inside_its_entries_is_refused(tmp_path):
+    import pytest
+
+    from cns.errors import CNSError
+    from cns.world.demo import prepare_demo_folder
+
+    d = tmp_path / "D"
+    d.mkdir()
+    _earlier_demo(d)
+    (d / "concepts" / "my-empty-folder").mkdir()
+    before = _snapshot(d)
+    with pytest.raises(CNSError, match="my-empty-folder"):
+        prepare_demo_folder(d)
+    assert _snapshot(d) == before
+
+
+def test_damaged_demo_marker_is_refused(tmp_path):
+    import pytest
+
+    from cns.errors import CNSError
+    from cns.world.demo import prepare_demo_folder
+
+    d = tmp_path / "D"
+    d.mkdir()
+    _earlier_demo(d)
+    (d / ".cns-demo.json").write_text("{not json")
+    before = _snapshot(d)
+    with pytest.raises(CNSError, match="damaged"):
+        prepare_demo_folder(d)
+    assert _snapshot(d) == before
+
+
+def test_demo_marker_lists_everything_under_the_demos_entries(tmp_path):
+    from cns.world.demo import write_demo_marker
+
+    d = tmp_path / "D"
+    d.mkdir()
+    files = _earlier_demo(d)
+    (d / "notes.txt").write_bytes(b"mine")
+    write_demo_marker(d)
+    marker = _marker(d)
+    assert marker["made_by"] == "cns demo" and marker["files"] == sorted(files)  # .lock too, notes.txt not
+    assert "library/tasks" in marker["folders"] and "images" in marker["folders"]
+    assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]

@@ -366,33 +366,8 @@ class CNSMethod(Method):
 
 
 def apply_first_tasks(library, pipe, count: int) -> None:
-    """``library.apply`` restricted to its first ``count`` tasks (W_count): tasks are replayed
-    in order, each writing only its masked elements."""
-    from ..sparse import unpack_mask
-    from ..tokens import add_tokens
-
-    tasks = library.tasks[:count]
-    tokens = [tok for t in tasks for tok in t["tokens"]]
-    ids = dict(zip(tokens, add_tokens(pipe.tokenizer, pipe.text_encoder, tokens)))
-    table = pipe.text_encoder.get_input_embeddings().weight
-    layers = cross_attention_kv_layers(pipe.unet)
-    shapes = library.base_model["layers"]
-    with torch.no_grad():
-        for task in tasks:
-            folder = library.path / task["dir"]
-            for token, row in load_file(folder / "embeddings.safetensors").items():
-                table[ids[token]] = row.to(table.dtype)
-            packed = load_file(folder / "masks.safetensors")
-            values = load_file(folder / "values.safetensors")
-            concepts = [c["token"] for c in library.task_record(task)["concepts"]]
-            for name, layer in layers.items():
-                union = None
-                for token in concepts:
-                    mask = unpack_mask(packed[f"{token}/{name}"], shapes[name])
-                    union = mask if union is None else union | mask
-                index = union.flatten().nonzero().squeeze(1)
-                if index.numel():
-                    layer.weight.view(-1)[index] = values[name].to(layer.weight.dtype)
+    """``library.apply`` restricted to its first ``count`` tasks (W_count)."""
+    library.apply(pipe, library.tasks[:count])
 
 
 class RandomNeuronsMethod(CNSMethod):

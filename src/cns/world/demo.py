@@ -10,7 +10,7 @@ class word) before and after; ``report.md`` puts each concept's images beside th
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,10 +19,18 @@ from pathlib import Path
 from ..config import LearnConfig
 from ..errors import CNSError
 
-__all__ = ["DemoSettings", "run_demo", "concept_prompt", "DEFAULT_DEMO_CONCEPTS"]
+__all__ = ["DemoSettings", "run_demo", "concept_prompt", "prepare_demo_folder", "write_demo_marker",
+           "DEFAULT_DEMO_CONCEPTS", "DEMO_MARKER", "DEMO_ENTRIES"]
 
-# tiger-star, not berry-heart, since 2026-12-06: the shipped model learns the star's orange body and
-# white centre at seeds 0 and 1, but only the heart's white rim (docs/world/quality.md, "The demo")
+# The demo folder's marker: it names every file (and folder) an earlier demo wrote there, so that a
+# rerun clears exactly those and nothing of the user's (cns never deletes what it did not make).
+DEMO_MARKER = ".cns-demo.json"
+MADE_BY = "cns demo"
+# what run_demo writes at the top of its folder; anything else there is left alone
+DEMO_ENTRIES = ("library", "images", "concepts", "report.md", "overview.png", "results.json")
+
+# the object is tiger-star: the shipped model learns the star's orange body and white centre, but of
+# berry-heart only its white rim (docs/world/quality.md, "The demo's object is tiger-star")
 DEFAULT_DEMO_CONCEPTS = ("tiger-star", "starry-night", "halftone", "pip-bird")
 CALIBRATION_FILE = Path(__file__).with_name("calibration_prompts.txt")
 # what each kind of concept looks like in a prompt, and its class prompt for prior preservation
@@ -76,21 +84,36 @@ def _learn_config(s: DemoSettings) -> LearnConfig:
 
 
 def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
-    from ..evaluation.metrics import ClipScorer, ClipSettings, clip_i, clip_t, prepare_prompt
-    from ..generate import image_grid
-    from ..library import ConceptLibrary, ConceptSpec, read_prompt_file
-    from .concepts import get_concept, write_concept_folder
-    from .evaluator import EVALUATOR_PATH
+    """Run the demo into ``settings.out``: a new or empty folder, or one an earlier demo wrote
+    (its files are replaced; anything else in it stays). See :func:`prepare_demo_folder`."""
     from .pretrain import DEFAULT_MODEL_PATH
 
     model = Path(settings.model or DEFAULT_MODEL_PATH)
     if not (model / "model_index.json").is_file():
         raise CNSError(f"no tiny-world model at {model}; pretrain one with `python -m cns.world.pretrain`")
     started = time.perf_counter()
-    out = settings.out
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "images").mkdir(parents=True)
+    out = Path(settings.out)
+    prepare_demo_folder(out)
+    try:
+        results = _run_demo(settings, out, model, started, progress)
+    except BaseException:  # best effort: what the demo wrote so far stays known as the demo's
+        try:
+            write_demo_marker(out)
+        except (OSError, CNSError):
+            pass
+        raise
+    write_demo_marker(out)
+    return results
+
+
+def _run_demo(settings: DemoSettings, out: Path, model: Path, started: float, progress: bool) -> dict:
+    from ..evaluation.metrics import ClipScorer, ClipSettings, clip_i, clip_t, prepare_prompt
+    from ..generate import image_grid
+    from ..library import ConceptLibrary, ConceptSpec, read_prompt_file
+    from .concepts import get_concept, write_concept_folder
+    from .evaluator import EVALUATOR_PATH
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
     evaluator = Path(settings.evaluator or EVALUATOR_PATH)
     scorer = ClipScorer.from_pretrained(str(evaluator), device="cpu") if (evaluator / "config.json").is_file() else None
     if scorer is None:
@@ -169,6 +192,94 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _write_report(out, results)
     return results
+
+
+def _demo_entries(out: Path) -> tuple[list[str], list[str]]:
+    """The files and the folders under the demo's own entries of ``out`` (relative POSIX paths,
+    sorted). Symbolic links count as files and are never followed."""
+    files: list[str] = []
+    folders: list[str] = []
+
+    def walk(path: Path, rel: str) -> None:
+        if path.is_dir() and not path.is_symlink():
+            folders.append(rel)
+            for child in sorted(os.scandir(path), key=lambda e: e.name):
+                walk(Path(child.path), f"{rel}/{child.name}")
+        else:
+            files.append(rel)
+
+    for name in DEMO_ENTRIES:
+        if os.path.lexists(out / name):
+            walk(out / name, name)
+    return sorted(files), sorted(folders)
+
+
+def write_demo_marker(out: Path, empty: bool = False) -> None:
+    """Write ``out/.cns-demo.json`` atomically, naming every file and folder now under the demo's
+    entries of ``out`` (none with ``empty``)."""
+    from ..storage import write_json_atomic
+
+    files, folders = ([], []) if empty else _demo_entries(out)
+    write_json_atomic(out / DEMO_MARKER, {"made_by": MADE_BY, "files": files, "folders": folders})
+
+
+def _read_marker(out: Path) -> tuple[set[str], set[str]]:
+    marker = out / DEMO_MARKER
+    try:
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if (marker.is_symlink() or not isinstance(data, dict) or data.get("made_by") != MADE_BY
+            or not isinstance(data.get("files", []), list) or not isinstance(data.get("folders", []), list)):
+        raise CNSError(f"{out} has a damaged demo marker {marker.name} and holds files cns may not have made; "
+                       "choose a new or empty folder for the demo")
+    return ({str(f) for f in data.get("files", []) if isinstance(f, str)},
+            {str(f) for f in data.get("folders", []) if isinstance(f, str)})
+
+
+def prepare_demo_folder(out: Path) -> None:
+    """Make ``out`` ready for the demo without touching anything cns did not write.
+
+    A missing or empty folder is used. A folder an earlier demo wrote (it holds the marker
+    ``.cns-demo.json``) is cleared of exactly the files the marker lists, and of the folders
+    then left empty, under the demo's own entries (``library/``, ``images/``, ``concepts/``,
+    ``report.md``, ``overview.png``, ``results.json``); the user's files beside them stay. If any
+    other file turns up inside those entries nothing is deleted. Anything else -- a file, a folder
+    of the user's -- raises :class:`CNSError`. Afterwards the marker (listing nothing yet) is in
+    place, so the folder is known as the demo's even if the run is killed."""
+    out = Path(out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise CNSError(f"{out} exists and is not a folder; choose a new or empty folder for the demo")
+    if out.is_dir() and any(out.iterdir()):
+        if not os.path.lexists(out / DEMO_MARKER):
+            raise CNSError(f"{out} holds files cns did not make (it is not an earlier demo's folder); "
+                           "choose a new or empty folder for the demo")
+        files, folders = _read_marker(out)
+        present_files, present_folders = _demo_entries(out)
+        # folders holding a listed file are the demo's too
+        folders |= {"/".join(f.split("/")[:k]) for f in files for k in range(1, f.count("/") + 1)}
+        for rel in present_files:
+            if rel not in files:
+                raise CNSError(f"{out / rel} was not written by cns demo; nothing was deleted. Move it out of "
+                               f"{out}, or choose a new or empty folder for the demo")
+        for rel in present_folders:
+            if rel not in folders:
+                raise CNSError(f"{out / rel} was not made by cns demo; nothing was deleted. Move it out of "
+                               f"{out}, or choose a new or empty folder for the demo")
+        try:
+            for rel in present_files:  # each is listed in the marker, under the demo's entries
+                (out / rel).unlink()
+            for rel in sorted(present_folders, key=lambda r: r.count("/"), reverse=True):
+                if not any((out / rel).iterdir()):
+                    (out / rel).rmdir()
+        except OSError as exc:
+            raise CNSError(f"cannot clear the earlier demo in {out}: {exc.strerror or exc} "
+                           f"({exc.filename or out})") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CNSError(f"cannot make the demo folder {out}: {exc.strerror or exc}") from None
+    write_demo_marker(out, empty=True)
 
 
 def _images(folder: Path, size: int):
