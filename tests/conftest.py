@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -66,3 +67,20 @@ def three_concept_library(_three_concept_library, tmp_path):
     copy = tmp_path / "lib"
     shutil.copytree(path, copy)
     return ConceptLibrary(copy), snapshots
+
+
+@pytest.fixture(scope="session")
+def _one_concept_library(tmp_path_factory, base_model, concept_folders):
+    """A library holding <new1> (dog), learned once; tests use private copies (``lib``)."""
+    library = ConceptLibrary.create(tmp_path_factory.mktemp("bad") / "lib", str(base_model))
+    library.learn([ConceptSpec(concept_folders[0], "dog")], LearnConfig(steps=2, num_class_images=2, class_image_steps=2), progress=False)
+    assert library.tokens == ["<new1>"]
+    return library.path
+
+
+@pytest.fixture
+def lib(_one_concept_library, tmp_path) -> Path:
+    """A private copy of a library holding <new1> (dog)."""
+    copy = tmp_path / "lib"
+    shutil.copytree(_one_concept_library, copy)
+    return copy

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cns import ConceptLibrary, ConceptSpec, LearnConfig
+from cns import ConceptLibrary, ConceptSpec
 from cns.cli import main
 from cns.images import load_image_folder
 from cns.storage import exclusive_lock
@@ -62,22 +62,6 @@ def assert_refused(capsys, args, keywords, library: Path | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def _one_concept_library(tmp_path_factory, base_model, concept_folders):
-    library = ConceptLibrary.create(tmp_path_factory.mktemp("bad") / "lib", str(base_model))
-    library.learn([ConceptSpec(concept_folders[0], "dog")], LearnConfig(steps=2, num_class_images=2, class_image_steps=2), progress=False)
-    assert library.tokens == ["<new1>"]
-    return library.path
-
-
-@pytest.fixture
-def lib(_one_concept_library, tmp_path) -> Path:
-    """A private copy of a library holding <new1> (dog)."""
-    copy = tmp_path / "lib"
-    shutil.copytree(_one_concept_library, copy)
-    return copy
-
-
 @pytest.fixture(scope="module")
 def base_with_added_token(tmp_path_factory):
     """A base model whose tokenizer already holds the added token <new1> (as an exported

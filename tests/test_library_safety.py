@@ -16,13 +16,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cns import ConceptLibrary, ConceptSpec
-from cns.cli import main
 from cns.library import later_overlaps
 from cns.storage import file_sha256
 from cns.testing import write_dummy_images
 
 from .conftest import fast_config
-from .test_bad_input import FAST_ARGS, _one_concept_library, assert_refused, lib, run, snapshot  # noqa: F401 (fixtures)
+from .test_bad_input import FAST_ARGS, assert_refused, run, snapshot
 
 
 # ----------------------------------------------------------------------------- helpers

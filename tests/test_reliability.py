@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -336,7 +335,6 @@ def test_a_damaged_checkpoint_is_discarded_with_a_warning(capsys, empty_library,
 
 
 # ----------------------------------------------------------------------------- concurrency
-from .test_bad_input import _one_concept_library, lib  # noqa: E402,F401  (a library holding <new1>)
 
 
 def test_second_learn_process_is_refused_and_readers_see_the_last_complete_state(worker, capsys, lib, tmp_path,

@@ -4,7 +4,6 @@ and a micro-protocol sized for the dummy pipeline (16 x 16 images, a few steps).
 from __future__ import annotations
 
 import pytest
-import torch
 
 from cns.evaluation.protocol import EvalConcept, Protocol
 from cns.evaluation.run import ZeroShotSet
