@@ -1,5 +1,7 @@
 """The demo's prompts put each kind of concept in the slot the world's captions have for it."""
 
+import pytest
+
 from cns.world.concepts import get_concept
 from cns.world.demo import DEFAULT_DEMO_CONCEPTS, _multi_prompts, concept_prompt
 from cns.world.render import caption_words, vocabulary_words
@@ -59,8 +61,6 @@ def test_demo_runs_end_to_end_on_the_shipped_world(tmp_path):
     the overview picture and a sound library whose tokens are the concepts it learned."""
     import json
     import math
-
-    import pytest
 
     from cns.library import ConceptLibrary
     from cns.world.demo import DemoSettings, run_demo
@@ -133,8 +133,6 @@ def _marker(folder):
 
 
 def test_demo_folder_of_the_user_is_refused_and_left_byte_identical(tmp_path):
-    import pytest
-
     from cns.errors import CNSError
     from cns.world.demo import prepare_demo_folder
 
@@ -153,8 +151,6 @@ def test_demo_folder_of_the_user_is_refused_and_left_byte_identical(tmp_path):
 
 def test_demo_folder_of_the_user_with_names_like_the_demos_is_refused(tmp_path):
     """Names are no proof: without the marker, report.md and images/ are the user's."""
-    import pytest
-
     from cns.errors import CNSError
     from cns.world.demo import prepare_demo_folder
 
@@ -186,8 +182,6 @@ def test_demo_cli_refuses_a_user_folder_with_one_error_line(tmp_path, capsys):
 
 
 def test_demo_folder_that_is_a_file_is_refused(tmp_path):
-    import pytest
-
     from cns.errors import CNSError
     from cns.world.demo import prepare_demo_folder
 
@@ -233,8 +227,6 @@ def test_earlier_demo_folder_is_cleared_of_its_listed_files_only(tmp_path):
 
 
 def test_earlier_demo_folder_with_a_user_file_inside_its_entries_is_refused(tmp_path):
-    import pytest
-
     from cns.errors import CNSError
     from cns.world.demo import prepare_demo_folder
 
@@ -252,34 +244,20 @@ def test_earlier_demo_folder_with_a_user_file_inside_its_entries_is_refused(tmp_
     assert _snapshot(d) == before
 
 
-def test_earlier_demo_folder_with_a_user_folder_inside_its_entries_is_refused(tmp_path):
-    import pytest
-
+@pytest.mark.parametrize("change, match", [
+    (lambda d: (d / "concepts" / "my-empty-folder").mkdir(), "my-empty-folder"),
+    (lambda d: (d / ".cns-demo.json").write_text("{not json"), "damaged"),
+], ids=["user-folder-inside", "damaged-marker"])
+def test_earlier_demo_folder_that_cannot_be_trusted_is_refused(tmp_path, change, match):
     from cns.errors import CNSError
     from cns.world.demo import prepare_demo_folder
 
     d = tmp_path / "D"
     d.mkdir()
     _earlier_demo(d)
-    (d / "concepts" / "my-empty-folder").mkdir()
+    change(d)
     before = _snapshot(d)
-    with pytest.raises(CNSError, match="my-empty-folder"):
-        prepare_demo_folder(d)
-    assert _snapshot(d) == before
-
-
-def test_damaged_demo_marker_is_refused(tmp_path):
-    import pytest
-
-    from cns.errors import CNSError
-    from cns.world.demo import prepare_demo_folder
-
-    d = tmp_path / "D"
-    d.mkdir()
-    _earlier_demo(d)
-    (d / ".cns-demo.json").write_text("{not json")
-    before = _snapshot(d)
-    with pytest.raises(CNSError, match="damaged"):
+    with pytest.raises(CNSError, match=match):
         prepare_demo_folder(d)
     assert _snapshot(d) == before
 
