@@ -10,6 +10,7 @@ from typing import Protocol, Sequence
 from PIL import Image
 
 from .errors import CNSError
+from .storage import read_text_file
 
 __all__ = [
     "DEFAULT_CAPTION_TEMPLATE",
@@ -83,30 +84,11 @@ class TransformersCaptioner:
         return captions
 
 
-def _read_caption_text(path: Path) -> str:
-    """The text of a caption file, or a CNSError naming it (missing, a folder, unreadable, not UTF-8)."""
-    if path.is_dir():
-        raise CNSError(f"caption file {path} is a folder, not a file")
-    if not path.exists():
-        raise CNSError(f"caption file {path} does not exist")
-    try:
-        data = path.read_bytes()
-    except PermissionError:
-        raise CNSError(f"cannot read caption file {path}: permission denied") from None
-    except OSError as exc:
-        raise CNSError(f"cannot read caption file {path}: {exc.strerror or exc}") from None
-    try:
-        return data.decode("utf-8-sig")  # a leading BOM (Notepad) is dropped
-    except UnicodeDecodeError as exc:
-        raise CNSError(f"caption file {path} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} "
-                       f"at offset {exc.start})") from None
-
-
 def read_caption_file(path: str | Path) -> dict[str, str]:
     """A UTF-8 caption file: JSON ``{"file name": "caption"}``, or text lines ``file name<TAB>caption``
     (``file name: caption`` also works). Blank lines and ``#`` comments are skipped."""
     path = Path(path)
-    text = _read_caption_text(path)
+    text = read_text_file(path, "caption file")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)

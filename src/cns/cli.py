@@ -77,11 +77,6 @@ def cmd_generate(args) -> int:
     from .generate import check_output_files, image_grid, save_images
     from .library import ConceptLibrary
 
-    if args.n < 1 or args.steps < 1:
-        raise CNSError(f"generate needs -n >= 1 and --steps >= 1 (got -n {args.n}, --steps {args.steps})")
-    for flag, size in (("--height", args.height), ("--width", args.width)):
-        if size is not None and size < 1:
-            raise CNSError(f"{flag} must be a positive number of pixels, got {size}")
     out = Path(args.out)
     names = [f"{args.seed + i:05d}.png" for i in range(args.n)] + ["grid.png"]
     check_output_files(out, names, overwrite=args.force)  # before any drawing

@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import CNSError
+from .storage import read_file_bytes
 
 __all__ = ["ConceptImage", "load_image_folder", "to_rgb", "image_tensor", "MAX_SIDE"]
 
@@ -56,15 +57,6 @@ def _fit(size: tuple[int, int], short: int) -> tuple[int, int]:
     width, height = size
     scale = short / min(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except PermissionError:
-        raise CNSError(f"cannot read {path}: permission denied") from None
-    except OSError as exc:
-        raise CNSError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _open_image(path: Path, data: bytes, cap: int) -> Image.Image:
@@ -129,7 +121,7 @@ def load_image_folder(folder: str | Path, min_side: int | None = None) -> list[C
     for path in files:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise CNSError(f"{path} is not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})")
-        data = _read_bytes(path)
+        data = read_file_bytes(path)
         image = _open_image(path, data, cap)
         if min_side and min(image.size) < min_side:
             small.append((path.name, image.size))

@@ -55,7 +55,7 @@ from .neurons import density, or_masks, random_mask_like, regularization_mask
 from .selection import select_concept_neurons
 from .sparse import pack_mask, unpack_mask
 from .storage import (disk_error, exclusive_lock, file_sha256, fsync_tree, is_owned, make_owned_dir, read_json,
-                      remove_tree, write_json_atomic)
+                      read_text_file, remove_tree, write_json_atomic)
 from .tokens import (TOKEN_PATTERN, add_tokens, class_word_embedding, cut_tokens, find_tokens, next_free_token,
                      normalize_token, truncated_part, validate_new_token)
 
@@ -75,15 +75,7 @@ def default_calibration_prompts() -> list[str]:
 
 def read_prompt_file(path: str | Path) -> list[str]:
     path = Path(path)
-    if not path.is_file():
-        raise CNSError(f"prompt file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise CNSError(f"prompt file {path} is not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise CNSError(f"cannot read prompt file {path}: {exc.strerror or exc}") from None
-    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [line.strip() for line in read_text_file(path, "prompt file").splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise CNSError(f"prompt file {path} holds no prompts")
@@ -375,7 +367,7 @@ class ConceptLibrary:
             return [f"{MANIFEST}: {problem}"]
         if check_base:
             try:
-                self.load_pipeline(apply=False, verify=False)
+                self.load_pipeline(apply=False)
             except CNSError as exc:
                 problems.append(f"base model: {exc}")
         for task_problems in self.task_problems():
@@ -506,15 +498,23 @@ class ConceptLibrary:
                     problems.append(f"{rel}: embeddings for unknown tokens {sorted(extra)[:3]}")
         return problems
 
+    # ----------------------------------------------------------------- writing
+    @contextmanager
+    def _writing(self):
+        """Hold the library's write lock with the manifest reread from disk (another writer may
+        have changed it since this object read it)."""
+        with exclusive_lock(self.path):
+            self.manifest = _read_manifest(self.path / MANIFEST)
+            self._task_cache.clear()
+            yield
+
     # ----------------------------------------------------------------- taking back
     def repair(self) -> list[dict]:
         """Set every damaged task aside into ``damaged/`` (moved, never deleted) and drop it
         from the manifest, so that the rest of the library works again: the tasks before it
         replay exactly as before, the tasks after it keep their own values. Returns one record
         per task set aside (see :meth:`_set_aside`); empty when the library is sound."""
-        with exclusive_lock(self.path):
-            self.manifest = _read_manifest(self.path / MANIFEST)
-            self._task_cache.clear()
+        with self._writing():
             problems = self.task_problems()
             damaged = [i for i, found in enumerate(problems) if found]
             return self._set_aside(damaged, "damaged", {i: problems[i] for i in damaged}) if damaged else []
@@ -526,9 +526,7 @@ class ConceptLibrary:
         after it trained any of the same K/V elements (those were trained from its values); its
         elements then return to their values before it. A task with several concepts goes
         whole, so each of its tokens must be named. Refuses a damaged library."""
-        with exclusive_lock(self.path):
-            self.manifest = _read_manifest(self.path / MANIFEST)
-            self._task_cache.clear()
+        with self._writing():
             self.require_sound()
             owners = {c["token"]: i for i, t in enumerate(self.tasks) for c in self.task_record(t)["concepts"]}
             chosen: set[int] = set()
@@ -564,22 +562,21 @@ class ConceptLibrary:
         records, moves = [], []
         try:
             root.mkdir(exist_ok=True)
+            entries = [t if isinstance(t, dict) else {} for t in self.tasks]  # a malformed entry names nothing
             for i in indices:
-                task = self.tasks[i]
-                valid = _task_entry_problem(task) is None
-                name = Path(task["dir"]).name if valid else f"entry-{i + 1}"
+                valid = _task_entry_problem(self.tasks[i]) is None
+                name = Path(entries[i]["dir"]).name if valid else f"entry-{i + 1}"
                 target = make_owned_dir(_free_name(root, f"{name}-{stamp}"), where)
-                source = self.path / task["dir"] if valid else None
+                source = self.path / entries[i]["dir"] if valid else None
                 if source is not None and source.is_dir() and not source.is_symlink():
                     os.replace(source, target / "files")
                     moves.append((target / "files", source))
-                kept_after = [t for j in range(i + 1, len(self.tasks)) if j not in indices
-                              for t in (self.tasks[j].get("tokens") or [] if isinstance(self.tasks[j], dict) else [])]
-                record = {"task": i + 1, "tokens": list(task.get("tokens") or []) if isinstance(task, dict) else [],
-                          "dir": task.get("dir") if isinstance(task, dict) else None,
+                kept_after = [t for j in range(i + 1, len(entries)) if j not in indices
+                              for t in entries[j].get("tokens") or []]
+                record = {"task": i + 1, "tokens": list(entries[i].get("tokens") or []), "dir": entries[i].get("dir"),
                           "moved_to": target.relative_to(self.path).as_posix(), "problems": problems.get(i, []),
                           "later_tokens_kept": kept_after}
-                write_json_atomic(target / "entry.json", dict(record, entry=task, time=_now()))
+                write_json_atomic(target / "entry.json", dict(record, entry=self.tasks[i], time=_now()))
                 records.append(record)
             manifest = dict(self.manifest)
             manifest["tasks"] = [t for i, t in enumerate(self.tasks) if i not in indices]
@@ -596,14 +593,13 @@ class ConceptLibrary:
         return records
 
     # ----------------------------------------------------------------- model
-    def load_pipeline(self, device: str | None = None, torch_dtype=torch.float32, apply: bool = True,
-                      verify: bool = True):
+    def load_pipeline(self, device: str | None = None, torch_dtype=torch.float32, apply: bool = True):
         """The base pipeline with every learned concept applied (tokens and K/V state).
 
-        Refuses a damaged library (:meth:`require_sound`, unless ``verify`` is False) and a base
-        model whose K/V weights or vocabulary differ from the library's.
+        Refuses a damaged library when it applies it (:meth:`require_sound`) and a base model
+        whose K/V weights or vocabulary differ from the library's.
         """
-        if apply and verify:
+        if apply:
             self.require_sound()
         pipe = load_base_pipeline(self.base_model["name_or_path"], self.base_model.get("revision"), torch.float32)
         self._check_base(pipe)
@@ -671,17 +667,15 @@ class ConceptLibrary:
         config.validate()
         if not specs:
             raise CNSError("nothing to learn: give at least one concept")
-        with exclusive_lock(self.path):
+        with self._writing():
             self._remove_orphans()
-            self.manifest = _read_manifest(self.path / MANIFEST)
-            self._task_cache.clear()
             self.require_sound()
             return self._learn_locked(specs, config, captioner, calibration_prompts, progress)
 
     def _learn_locked(self, specs, config, captioner, calibration_prompts, progress):
         from .training import Example, TrainingDivergedError, train_task
 
-        pipe = self.load_pipeline(apply=False, verify=False)
+        pipe = self.load_pipeline(apply=False)
         resolution = config.resolution or self.base_model["resolution"]
         _check_resolution(pipe, resolution, "--resolution")
         for spec in specs:
@@ -783,7 +777,7 @@ class ConceptLibrary:
             )
             embeddings = {p["token"]: result.embeddings[int(i)] for p, i in zip(prepared, ids)}
             records = [self._concept_record(p, config) for p in prepared]
-            self._commit_task(staging, records, prepared, union, result.values, embeddings, result, config)
+            self._commit_task(staging, records, prepared, union, embeddings, result, config)
         except TrainingDivergedError:
             if checkpoint is not None and _is_checkpoint(checkpoint):
                 remove_tree(checkpoint)  # it would only resume the same divergence
@@ -951,13 +945,10 @@ class ConceptLibrary:
             "selection": p["selection"],
         }
 
-    def _commit_task(self, staging: Path, records, prepared, union, values, embeddings, result, config) -> None:
+    def _commit_task(self, staging: Path, records, prepared, union, embeddings, result, config) -> None:
         """Write the task's files into ``staging/task``, flush them, rename that folder to a free
-        ``tasks/NNNN``, then name it in the manifest (replaced atomically). Nothing non-finite is
-        ever written."""
-        for what, tensor in [*values.items(), *embeddings.items()]:
-            if not bool(torch.isfinite(tensor).all()):
-                raise CNSError(f"refusing to save {what}: its trained values are not all finite; the library is unchanged")
+        ``tasks/NNNN``, then name it in the manifest (replaced atomically). ``train_task`` has
+        refused non-finite values and ``embeddings`` (its rows, keyed by token) already."""
         number = len(self.tasks) + 1
         folder = make_owned_dir(staging / "task", "task")
         try:
@@ -966,7 +957,7 @@ class ConceptLibrary:
                 folder / "masks.safetensors",
                 metadata={"format": "packed-bits-row-major"},
             )
-            save_file({n: v.contiguous() for n, v in values.items()}, folder / "values.safetensors",
+            save_file({n: v.contiguous() for n, v in result.values.items()}, folder / "values.safetensors",
                       metadata={"order": "row-major elements of the union of this task's masks"})
             save_file({t: e.contiguous() for t, e in embeddings.items()}, folder / "embeddings.safetensors")
             task_record = {
@@ -1039,6 +1030,9 @@ class ConceptLibrary:
 
         if n < 1 or steps < 1:
             raise CNSError(f"generate needs -n >= 1 and --steps >= 1 (got -n {n}, --steps {steps})")
+        for flag, size in (("--height", height), ("--width", width)):
+            if size is not None and size < 1:
+                raise CNSError(f"{flag} must be a positive number of pixels, got {size}")
         if not math.isfinite(guidance):
             raise CNSError(f"--guidance must be a finite number, got {guidance}")
         pipe = pipe or self.load_pipeline(device=resolve_device(device))

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import CNSError, LibraryLockedError
 
 __all__ = ["disk_error", "write_json_atomic", "read_json", "file_sha256", "fsync_tree", "exclusive_lock", "remove_tree",
-           "OWNED_MARKER", "make_owned_dir", "is_owned"]
+           "OWNED_MARKER", "make_owned_dir", "is_owned", "read_file_bytes", "read_text_file"]
 
 # A folder that cns makes inside a library for its own use (a staging folder, a task, a training
 # checkpoint) holds this file; cleanup removes only folders that hold it, never one by its name.
@@ -59,6 +59,34 @@ def read_json(path: Path):
         raise CNSError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CNSError(f"{path} is damaged: not valid JSON ({exc})") from None
+
+
+def read_file_bytes(path: Path, what: str = "") -> bytes:
+    """The bytes of a user's file (``what`` says which kind, for the message), or a one-line
+    :class:`CNSError` naming it: missing, a folder, unreadable."""
+    path = Path(path)
+    label = f"{what} {path}" if what else str(path)
+    if path.is_dir():
+        raise CNSError(f"{label} is a folder, not a file")
+    if not path.exists():
+        raise CNSError(f"{label} does not exist")
+    try:
+        return path.read_bytes()
+    except PermissionError:
+        raise CNSError(f"cannot read {label}: permission denied") from None
+    except OSError as exc:
+        raise CNSError(f"cannot read {label}: {exc.strerror or exc}") from None
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A user's UTF-8 text file (a leading BOM, as Notepad writes, is dropped), or a one-line
+    :class:`CNSError` naming it; see :func:`read_file_bytes`."""
+    data = read_file_bytes(path, what)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CNSError(f"{what} {path} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} "
+                       f"at offset {exc.start})") from None
 
 
 def file_sha256(path: Path) -> str:
