@@ -126,6 +126,27 @@ def _earlier_demo(folder, extra_listed=()):
     return files
 
 
+def _users_folder(d):
+    """``d`` as a user's folder: a file, and a file in a sub-folder."""
+    (d / "mystuff").mkdir(parents=True)
+    (d / "user.txt").write_bytes(b"my notes\n")
+    (d / "mystuff" / "thesis.tex").write_bytes(b"\\documentclass{article}\n")
+
+
+def _refusal(d, match=None) -> str:
+    """``prepare_demo_folder(d)`` refuses in one line (matching ``match``) and leaves ``d`` as it
+    was; returns the message."""
+    from cns.errors import CNSError
+    from cns.world.demo import prepare_demo_folder
+
+    before = _snapshot(d)
+    with pytest.raises(CNSError, match=match) as error:
+        prepare_demo_folder(d)
+    assert _snapshot(d) == before
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
 def _marker(folder):
     import json
 
@@ -133,35 +154,20 @@ def _marker(folder):
 
 
 def test_demo_folder_of_the_user_is_refused_and_left_byte_identical(tmp_path):
-    from cns.errors import CNSError
-    from cns.world.demo import prepare_demo_folder
-
     d = tmp_path / "D"
-    (d / "mystuff").mkdir(parents=True)
-    (d / "user.txt").write_bytes(b"my notes\n")
-    (d / "mystuff" / "thesis.tex").write_bytes(b"\\documentclass{article}\n")
-    before = _snapshot(d)
-    with pytest.raises(CNSError) as error:
-        prepare_demo_folder(d)
-    message = str(error.value)
-    assert str(d) in message and "cns did not make" in message and "\n" not in message
-    assert _snapshot(d) == before
+    _users_folder(d)
+    message = _refusal(d)
+    assert str(d) in message and "cns did not make" in message
     assert not (d / ".cns-demo.json").exists()
 
 
 def test_demo_folder_of_the_user_with_names_like_the_demos_is_refused(tmp_path):
     """Names are no proof: without the marker, report.md and images/ are the user's."""
-    from cns.errors import CNSError
-    from cns.world.demo import prepare_demo_folder
-
     d = tmp_path / "D"
     (d / "images").mkdir(parents=True)
     (d / "images" / "holiday.png").write_bytes(b"photo")
     (d / "report.md").write_bytes(b"my report")
-    before = _snapshot(d)
-    with pytest.raises(CNSError, match="cns did not make"):
-        prepare_demo_folder(d)
-    assert _snapshot(d) == before
+    _refusal(d, "cns did not make")
 
 
 def test_demo_cli_refuses_a_user_folder_with_one_error_line(tmp_path, capsys):
@@ -171,9 +177,7 @@ def test_demo_cli_refuses_a_user_folder_with_one_error_line(tmp_path, capsys):
     model.mkdir()
     (model / "model_index.json").write_text("{}")  # passes the model check; the folder check comes first
     d = tmp_path / "D"
-    (d / "mystuff").mkdir(parents=True)
-    (d / "user.txt").write_bytes(b"my notes\n")
-    (d / "mystuff" / "thesis.tex").write_bytes(b"\\documentclass{article}\n")
+    _users_folder(d)
     before = _snapshot(d)
     assert main(["demo", "--out", str(d), "--model", str(model), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
@@ -227,21 +231,13 @@ def test_earlier_demo_folder_is_cleared_of_its_listed_files_only(tmp_path):
 
 
 def test_earlier_demo_folder_with_a_user_file_inside_its_entries_is_refused(tmp_path):
-    from cns.errors import CNSError
-    from cns.world.demo import prepare_demo_folder
-
     d = tmp_path / "D"
     d.mkdir()
     _earlier_demo(d)
     (d / "notes.txt").write_bytes(b"mine")
     (d / "images" / "my-drawing.png").write_bytes(b"user drawing")
-    before = _snapshot(d)
-    with pytest.raises(CNSError) as error:
-        prepare_demo_folder(d)
-    message = str(error.value)
+    message = _refusal(d)
     assert str(d / "images" / "my-drawing.png") in message and "nothing was deleted" in message
-    assert "\n" not in message
-    assert _snapshot(d) == before
 
 
 @pytest.mark.parametrize("change, match", [
@@ -249,17 +245,11 @@ def test_earlier_demo_folder_with_a_user_file_inside_its_entries_is_refused(tmp_
     (lambda d: (d / ".cns-demo.json").write_text("{not json"), "damaged"),
 ], ids=["user-folder-inside", "damaged-marker"])
 def test_earlier_demo_folder_that_cannot_be_trusted_is_refused(tmp_path, change, match):
-    from cns.errors import CNSError
-    from cns.world.demo import prepare_demo_folder
-
     d = tmp_path / "D"
     d.mkdir()
     _earlier_demo(d)
     change(d)
-    before = _snapshot(d)
-    with pytest.raises(CNSError, match=match):
-        prepare_demo_folder(d)
-    assert _snapshot(d) == before
+    _refusal(d, match)
 
 
 def test_demo_marker_lists_everything_under_the_demos_entries(tmp_path):
