@@ -439,7 +439,7 @@ class EvaluatorConfig:
     convolutions see the styles' strokes and pixel cells that 16 px ViT patches blur
     (docs/world/quality.md)."""
 
-    image_tower: str = "efficientnet"  # the shipped evaluator's; "vit" was the first one's (until 2026-12-05)
+    image_tower: str = "efficientnet"  # the shipped evaluator's; "vit" is the other choice
     vision_hidden: int = 192
     vision_layers: int = 4
     vision_heads: int = 6
@@ -896,7 +896,7 @@ def train(
     ``low_res_fraction`` of each batch is shown at ``low_res_size`` px (`at_resolution`): the
     images a tiny-world model generates are 32 px, and an evaluator that only ever saw 64 px
     renders reads their style poorly. ``legible_only`` trains on the pool's scenes whose render
-    shows what their caption names (`is_legible`: the world's sampler since 2026-12-05).
+    shows what their caption names (`is_legible`, which the world's sampler applies).
     ``recipe_weight`` adds `recipe_contrastive_loss` at ``recipe_temperature``, averaged over the
     ``recipe_factors`` the images are keyed on (`recipe_key`). ``style_balance`` > 0 draws each
     batch's scenes with probability proportional to ``count ** -style_balance``, ``count`` being

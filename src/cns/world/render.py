@@ -450,8 +450,7 @@ def sample_scene(
     """Draw a random scene; split "train" avoids held-out combos, "heldout" requires one.
 
     Both splits avoid the looks reserved for personal concepts, low-contrast colors and, with
-    ``legible`` (since 2026-12-05; the world's models before that were trained without it),
-    renders that do not show what their caption names (`is_legible`).
+    ``legible``, renders that do not show what their caption names (`is_legible`).
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"unknown split {split!r}")
