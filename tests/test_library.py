@@ -278,3 +278,31 @@ def test_lambda_keep_holds_the_keys_and_values_of_earlier_tokens(tmp_path, base_
         assert library.task_record(library.tasks[-1])["config"]["lambda_keep"] == lambda_keep
     assert drift[0.0] > 0
     assert drift[1e4] < 0.1 * drift[0.0]
+
+
+def test_lambda_generic_holds_the_keys_and_values_of_generic_prompts(tmp_path, base_model, concept_folders):
+    """L_generic, trained on the library's calibration prompts, holds the keys and values of
+    generic prompts it never saw (held out), every position."""
+    from cns.model import cross_attention_kv_layers, encode_prompts
+
+    held_out = ["a red car in the city", "a blue house on the beach", "a green dog"]
+
+    def generic_kv(library):
+        pipe = library.load_pipeline()
+        states = torch.cat(encode_prompts(pipe.tokenizer, pipe.text_encoder, held_out))
+        with torch.no_grad():
+            return {n: layer(states) for n, layer in cross_attention_kv_layers(pipe.unet).items()}
+
+    change = {}
+    for lambda_generic in (0.0, 1e4):
+        library = ConceptLibrary.create(tmp_path / f"lib{lambda_generic}", str(base_model))
+        before = generic_kv(library)
+        library.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(lambda_generic=lambda_generic, steps=20),
+                      progress=False)
+        after = generic_kv(library)
+        change[lambda_generic] = sum(float((after[n] - before[n]).pow(2).sum()) for n in before) / sum(
+            float(before[n].pow(2).sum()) for n in before)
+        assert library.task_record(library.tasks[-1])["config"]["lambda_generic"] == lambda_generic
+        assert library.task_record(library.tasks[-1])["concepts"][0]["neurons"] > 0
+    assert change[0.0] > 0
+    assert change[1e4] < 0.1 * change[0.0]

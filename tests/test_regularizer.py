@@ -49,7 +49,7 @@ def test_norm_stacks_all_layers():
 
 # --- L_keep (beyond the paper): K/V output drift on earlier concepts' token states ---
 
-from cns.regularizer import anchor_basis, earlier_output_drift, output_energy  # noqa: E402
+from cns.regularizer import anchor_basis, relative_output_drift, output_energy  # noqa: E402
 
 
 def test_anchor_basis_gives_the_mean_squared_output_change_over_the_anchors():
@@ -72,9 +72,9 @@ def test_centred_anchors_leave_a_shift_common_to_all_of_them_free():
     along_mean = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     along_difference = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     centred, raw = anchor_basis(anchors), anchor_basis(anchors, center=False)
-    assert earlier_output_drift([along_mean], centred, [output_energy(weight, centred)]).item() == 0.0
-    assert earlier_output_drift([along_mean], raw, [output_energy(weight, raw)]).item() > 0.0
-    assert earlier_output_drift([along_difference], centred, [output_energy(weight, centred)]).item() > 0.0
+    assert relative_output_drift([along_mean], centred, [output_energy(weight, centred)]).item() == 0.0
+    assert relative_output_drift([along_mean], raw, [output_energy(weight, raw)]).item() > 0.0
+    assert relative_output_drift([along_difference], centred, [output_energy(weight, centred)]).item() > 0.0
 
 
 def test_drift_is_zero_for_updates_orthogonal_to_every_anchor_and_relative_otherwise():
@@ -83,11 +83,11 @@ def test_drift_is_zero_for_updates_orthogonal_to_every_anchor_and_relative_other
     basis = anchor_basis(anchors, center=False)
     energy = output_energy(weight, basis)
     orthogonal = torch.tensor([[0.0, 9.0, -4.0], [0.0, 1.0, 2.0]])
-    assert earlier_output_drift([orthogonal], basis, [energy]).item() == 0.0
+    assert relative_output_drift([orthogonal], basis, [energy]).item() == 0.0
     # doubling the weight doubles every anchor's output: relative squared change 1
-    assert torch.isclose(earlier_output_drift([weight], basis, [energy]), torch.tensor(1.0))
+    assert torch.isclose(relative_output_drift([weight], basis, [energy]), torch.tensor(1.0))
     # the mean over layers
-    drift = earlier_output_drift([weight, orthogonal], basis, [energy, energy])
+    drift = relative_output_drift([weight, orthogonal], basis, [energy, energy])
     assert torch.isclose(drift, torch.tensor(0.5))
 
 
@@ -95,8 +95,22 @@ def test_descending_the_drift_only_moves_the_update_inside_the_anchor_span():
     anchors = torch.tensor([[1.0, 1.0, 0.0]])
     basis = anchor_basis(anchors, center=False)
     delta = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
-    earlier_output_drift([delta], basis, [torch.tensor(1.0)]).backward()
+    relative_output_drift([delta], basis, [torch.tensor(1.0)]).backward()
     grad = delta.grad[0]
     assert grad[2] == 0.0  # the third input never reaches an anchor's output
     assert torch.isclose(grad[0], grad[1])  # along the anchor direction (1, 1, 0)
     assert grad[0] > 0
+
+
+def test_normalized_anchors_count_every_position_alike():
+    """L_generic's basis: each state scaled to unit length, not centred; by hand for two
+    anchors, one ten times longer than the other."""
+    anchors = torch.tensor([[10.0, 0.0], [0.0, 1.0]])
+    delta = torch.tensor([[1.0, 2.0]])
+    basis = anchor_basis(anchors, center=False, normalize=True)
+    # unit anchors (1, 0) and (0, 1): mean of (1*1)^2 and (2*1)^2 = 2.5
+    assert torch.isclose(output_energy(delta, basis), torch.tensor(2.5))
+    weight = torch.tensor([[1.0, 1.0]])  # energy: mean of 1 and 1 = 1
+    assert torch.isclose(relative_output_drift([delta], basis, [output_energy(weight, basis)]), torch.tensor(2.5))
+    # unnormalised, the long anchor dominates: (100 * 1 + 1 * 4) / 2 = 52
+    assert torch.isclose(output_energy(delta, anchor_basis(anchors, center=False)), torch.tensor(52.0))

@@ -761,6 +761,8 @@ class ConceptLibrary:
                 keep_states = encode_token_states(pipe.tokenizer, pipe.text_encoder, [
                     (c["token"], q) for c in self.concepts for q in c.get("instance_prompts", [])])
 
+            generic_states = torch.cat(calibration) if config.lambda_generic > 0 else None
+
             key = self._learn_key(prepared, ids, instance, prior, union, config)
             checkpoint = self.path / f"{CHECKPOINT_PREFIX}{key[:16]}"
             for stale in self.path.glob(f"{CHECKPOINT_PREFIX}*"):
@@ -773,7 +775,7 @@ class ConceptLibrary:
             result = train_task(
                 pipe, union, ids, instance, prior, config, reg_masks=reg_masks, pretrained=pretrained,
                 progress=progress, resume=resume, on_checkpoint=lambda state: _save_checkpoint(checkpoint, key, state),
-                keep_states=keep_states,
+                keep_states=keep_states, generic_states=generic_states,
             )
             embeddings = {p["token"]: result.embeddings[int(i)] for p, i in zip(prepared, ids)}
             records = [self._concept_record(p, config) for p in prepared]

@@ -8,10 +8,10 @@ tuned where those concepts left them (no forgetting); the second keeps them near
 pretrained weights (zero-shot ability).
 
 Eq. 7 only reaches the elements this task shares with earlier ones. The elements only this
-task trains still move every token's keys and values, an earlier concept's too (a K/V row
-acts on all tokens). :func:`earlier_output_drift` is an optional term beyond the paper that
-closes that route: the relative change of how earlier concepts' tokens' keys and values
-differ from one another.
+task trains still move every token's keys and values (a K/V row acts on all tokens): an
+earlier concept's, and those of every generic prompt. :func:`relative_output_drift` closes
+that route, beyond the paper: the relative change of the keys and values a layer makes from a
+set of anchor text states, earlier concepts' tokens (L_keep) or generic prompts (L_generic).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["neuron_regularizer", "anchor_basis", "output_energy", "earlier_output_drift"]
+__all__ = ["neuron_regularizer", "anchor_basis", "output_energy", "relative_output_drift"]
 
 
 def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -61,14 +61,19 @@ def neuron_regularizer(
     )
 
 
-def anchor_basis(states: torch.Tensor, center: bool = True, rtol: float = 1e-6) -> torch.Tensor:
+def anchor_basis(states: torch.Tensor, center: bool = True, rtol: float = 1e-6,
+                 normalize: bool = False) -> torch.Tensor:
     """A ``(r, width)`` matrix R with ``R^T R = A^T A / N`` for the ``(N, width)`` text states A,
     centred on their mean first when ``center`` (r <= min(N, width)): ``||dW R^T||_F^2`` is then
     the mean squared change ``dW a`` over the rows a of A, at a cost that does not grow with N.
 
     Centred, a change along the mean state, the part every anchor shares, costs nothing: what
-    tells the anchors apart is held, a shift common to all of them is left free."""
+    tells the anchors apart is held, a shift common to all of them is left free. With
+    ``normalize`` each state is scaled to unit length first, so that every position counts
+    alike (a text encoder's first state can be many times longer than the others)."""
     states = states.reshape(-1, states.shape[-1]).double()
+    if normalize:
+        states = states / states.norm(dim=1, keepdim=True).clamp_min(1e-12)
     if center:
         states = states - states.mean(dim=0, keepdim=True)
     gram = states.T @ states / max(1, states.shape[0])
@@ -82,18 +87,23 @@ def output_energy(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (weight.float() @ basis.T).pow(2).sum()
 
 
-def earlier_output_drift(
+def relative_output_drift(
     deltas: Sequence[torch.Tensor],
     basis: torch.Tensor,
     energies: Sequence[torch.Tensor],
 ) -> torch.Tensor:
-    """L_keep (beyond the paper): the mean over layers of ``||dW_l R^T||^2 / ||W_l R^T||^2``.
+    """The mean over layers of ``||dW_l R^T||^2 / ||W_l R^T||^2`` (beyond the paper).
 
     ``deltas``: per layer, ``W_m - W_{m-1}`` (full weights); ``basis``: :func:`anchor_basis` of
-    the text states at earlier concepts' tokens (the K/V inputs of every cross-attention
-    layer); ``energies``: :func:`output_energy` of ``W_{m-1}`` per layer. The value is the
-    squared relative change of those tokens' keys and values (centred: of how they differ from
-    one another), 0 when the updates are orthogonal to every anchor state.
+    the anchor text states (the K/V inputs of every cross-attention layer); ``energies``:
+    :func:`output_energy` of ``W_{m-1}`` per layer. The value is the squared relative change
+    of the anchors' keys and values, 0 when the updates are orthogonal to every anchor state.
+
+    - L_keep: anchors = the states at earlier concepts' tokens in their prompts, centred (how
+      those tokens' keys and values differ from one another is held).
+    - L_generic: anchors = every position of generic prompts (the calibration prompts),
+      unit-length and not centred: what prompts naming no concept produce is held, the
+      zero-shot ability of Sec. 4.3 measured where it acts, on the keys and values.
     """
     if len(deltas) != len(energies):
         raise ValueError("deltas and energies need one tensor per layer each")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import LearnConfig
 from .errors import CNSError
 from .model import cross_attention_kv_layers, pipeline_tokens
-from .regularizer import anchor_basis, earlier_output_drift, neuron_regularizer, output_energy
+from .regularizer import anchor_basis, neuron_regularizer, output_energy, relative_output_drift
 from .sparse import RowDeltaEmbedding, masked_update
 
 __all__ = ["Example", "TrainResult", "TrainingState", "TrainingDivergedError", "train_task", "diffusion_target", "sparse_trainables",
@@ -160,6 +160,77 @@ def _token_ids(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     return pipeline_tokens(tokenizer, prompts).input_ids
 
 
+@dataclass
+class DenoisingBatch:
+    """One step's batch of Eq. 8: the instance images first, then as many prior images."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    instance_ids: torch.Tensor  # encoded every step: the new tokens' rows train
+    prior_states: torch.Tensor | None  # frozen text states of the prior prompts
+
+
+class DenoisingStream:
+    """The data of Eq. 8, one batch per optimizer step, for every method alike.
+
+    Which instance and prior images a step uses, their latent sample, the noise and the
+    timesteps are a function of ``(seed, step)`` alone (:func:`step_generator`): two methods
+    trained with one seed see the same batches, and a resumed run sees what an uninterrupted
+    one saw. Latents and prior text states are computed once, on entry.
+    """
+
+    def __init__(self, pipe, instance: Sequence[Example], prior: Sequence[Example], batch_size: int, seed: int,
+                 prior_loss_weight: float = 1.0, device=None):
+        vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.batch_size, self.seed, self.prior_loss_weight = batch_size, seed, prior_loss_weight
+        self.scheduler = _training_scheduler(pipe)
+        self.instance_mean, self.instance_std = _encode_latents(vae, torch.stack([e.pixels for e in instance]))
+        self.instance_ids = _token_ids(tokenizer, [e.prompt for e in instance])
+        self.use_prior = bool(prior) and prior_loss_weight > 0
+        if self.use_prior:
+            self.prior_mean, self.prior_std = _encode_latents(vae, torch.stack([e.pixels for e in prior]))
+            with torch.no_grad():
+                ids = _token_ids(tokenizer, [e.prompt for e in prior]).to(device or text_encoder.device)
+                self.prior_states = text_encoder(ids)[0].float().cpu()
+        self.scaling = getattr(vae.config, "scaling_factor", 0.18215)
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+
+    def batch(self, step: int) -> DenoisingBatch:
+        """Step ``step``'s batch (CPU tensors)."""
+        generator = step_generator(self.seed, step)
+        n = self.batch_size
+        pick = torch.randint(len(self.instance_mean), (n,), generator=generator)
+        latents = self.instance_mean[pick] + self.instance_std[pick] * torch.randn(
+            self.instance_mean[pick].shape, generator=generator)
+        prior_states = None
+        if self.use_prior:
+            pick_prior = torch.randint(len(self.prior_mean), (n,), generator=generator)
+            latents = torch.cat([latents, self.prior_mean[pick_prior] + self.prior_std[pick_prior] * torch.randn(
+                self.prior_mean[pick_prior].shape, generator=generator)])
+            prior_states = self.prior_states[pick_prior]
+        latents = (latents - self.shift) * self.scaling
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        return DenoisingBatch(noisy=self.scheduler.add_noise(latents, noise, timesteps), timesteps=timesteps,
+                              target=diffusion_target(self.scheduler, latents, noise, timesteps),
+                              instance_ids=self.instance_ids[pick], prior_states=prior_states)
+
+    def loss(self, unet, text_encoder, batch: DenoisingBatch, device) -> torch.Tensor:
+        """Eq. 8 without L_reg: the instance images' denoising error plus ``prior_loss_weight``
+        times the prior images'."""
+        states = text_encoder(batch.instance_ids.to(device))[0]
+        if batch.prior_states is not None:
+            states = torch.cat([states, batch.prior_states.to(device, states.dtype)])
+        prediction = unet(batch.noisy.to(device), batch.timesteps.to(device), states).sample
+        target = batch.target.to(device)
+        n = self.batch_size
+        loss = F.mse_loss(prediction[:n].float(), target[:n])
+        if batch.prior_states is not None:
+            loss = loss + self.prior_loss_weight * F.mse_loss(prediction[n:].float(), target[n:])
+        return loss
+
+
 def train_task(
     pipe,
     masks: Mapping[str, torch.Tensor],
@@ -174,6 +245,7 @@ def train_task(
     resume: TrainingState | None = None,
     on_checkpoint: Callable[[TrainingState], None] | None = None,
     keep_states: torch.Tensor | None = None,
+    generic_states: torch.Tensor | None = None,
 ) -> TrainResult:
     """Fine-tune one task (Eq. 8) in place on ``pipe`` and return what changed.
 
@@ -184,8 +256,10 @@ def train_task(
     entry) and W_0. Deterministic for a given ``config.seed`` on CPU: step ``i`` draws from
     :func:`step_generator` ``(seed, i)``.
     ``keep_states``: ``(N, width)`` text states at earlier concepts' tokens in their prompts;
-    with ``config.lambda_keep`` > 0 they give L_keep (:func:`~cns.regularizer.earlier_output_drift`),
+    with ``config.lambda_keep`` > 0 they give L_keep (:func:`~cns.regularizer.relative_output_drift`),
     which holds how their keys and values differ from one another where W_{m-1} put them.
+    ``generic_states``: ``(N, width)`` text states of generic prompts (every position); with
+    ``config.lambda_generic`` > 0 they give L_generic, which holds their keys and values.
     ``on_checkpoint`` receives a :class:`TrainingState` every ``config.checkpoint_every``
     steps; ``resume`` (such a state) continues from its step with the result an uninterrupted
     run gives.
@@ -193,29 +267,25 @@ def train_task(
     if accelerator is None:
         accelerator = _accelerator(config)
     device = torch.device(config.device) if config.device else accelerator.device
-    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
-    for module in (unet, text_encoder, vae):
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    for module in (unet, text_encoder, pipe.vae):
         module.requires_grad_(False)
         module.to(device)
-    scheduler = _training_scheduler(pipe)
     started = time.perf_counter()
 
-    inst_mean, inst_std = _encode_latents(vae, torch.stack([e.pixels for e in instance]))
-    inst_ids = _token_ids(tokenizer, [e.prompt for e in instance])
-    use_prior = bool(prior) and config.prior_loss_weight > 0
-    if use_prior:
-        prior_mean, prior_std = _encode_latents(vae, torch.stack([e.pixels for e in prior]))
-        with torch.no_grad():
-            prior_states = text_encoder(_token_ids(tokenizer, [e.prompt for e in prior]).to(device))[0].float().cpu()
-    scaling = getattr(vae.config, "scaling_factor", 0.18215)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    stream = DenoisingStream(pipe, instance, prior, config.batch_size, config.seed, config.prior_loss_weight, device)
 
     layers = cross_attention_kv_layers(unet)
-    use_keep = keep_states is not None and keep_states.numel() > 0 and config.lambda_keep > 0
-    previous = {name: layers[name].weight.detach().clone() for name in masks} if (reg_masks or use_keep) else {}
-    if use_keep:
-        basis = anchor_basis(keep_states.float().cpu()).to(device)  # (float64 on the CPU: not every device has it)
-        energies = {name: output_energy(previous[name], basis) for name in masks}
+    # output terms: (weight, basis, energy per layer); the bases are made in float64 on the CPU
+    anchors = []
+    if keep_states is not None and keep_states.numel() > 0 and config.lambda_keep > 0:
+        anchors.append((config.lambda_keep, anchor_basis(keep_states.float().cpu())))
+    if generic_states is not None and generic_states.numel() > 0 and config.lambda_generic > 0:
+        anchors.append((config.lambda_generic, anchor_basis(generic_states.float().cpu(), center=False,
+                                                             normalize=True)))
+    previous = {name: layers[name].weight.detach().clone() for name in masks} if (reg_masks or anchors) else {}
+    output_terms = [(weight, basis.to(device), {name: output_energy(previous[name], basis.to(device))
+                                                for name in masks}) for weight, basis in anchors]
     losses: list[float] = []
     step_seconds: list[float] = []
     processors = unet.attn_processors if config.attention_slicing != "no" else None
@@ -246,31 +316,9 @@ def train_task(
                        initial=first_step, total=config.steps)
             for step in bar:
                 step_started = time.perf_counter()
-                generator = step_generator(config.seed, step)
-                pick = torch.randint(len(instance), (config.batch_size,), generator=generator)
-                latents = inst_mean[pick] + inst_std[pick] * torch.randn(inst_mean[pick].shape, generator=generator)
-                ids = inst_ids[pick]
-                if use_prior:
-                    pick_prior = torch.randint(len(prior), (config.batch_size,), generator=generator)
-                    prior_latents = prior_mean[pick_prior] + prior_std[pick_prior] * torch.randn(
-                        prior_mean[pick_prior].shape, generator=generator
-                    )
-                    latents = torch.cat([latents, prior_latents])
-                latents = (latents - shift) * scaling
-                noise = torch.randn(latents.shape, generator=generator)
-                timesteps = torch.randint(scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-                noisy = scheduler.add_noise(latents, noise, timesteps)
-                target = diffusion_target(scheduler, latents, noise, timesteps)
-
+                batch = stream.batch(step)
                 with accelerator.autocast():
-                    states = text_encoder(ids.to(device))[0]
-                    if use_prior:
-                        states = torch.cat([states, prior_states[pick_prior].to(device, states.dtype)])
-                    prediction = unet(noisy.to(device), timesteps.to(device), states).sample
-                    n = config.batch_size
-                    loss = F.mse_loss(prediction[:n].float(), target[:n].to(device))
-                    if use_prior:
-                        loss = loss + config.prior_loss_weight * F.mse_loss(prediction[n:].float(), target[n:].to(device))
+                    loss = stream.loss(unet, text_encoder, batch, device)
                     if reg_terms:
                         current = [wrapped[name].current_values()[sel] for name, sel, _, _ in reg_terms]
                         loss = loss + neuron_regularizer(
@@ -281,13 +329,11 @@ def train_task(
                             config.lambda_previous,
                             config.lambda_pretrained,
                         )
-                if use_keep:  # outside autocast: the drift of small updates needs float32
+                if output_terms:  # outside autocast: the drift of small updates needs float32
                     names = list(wrapped)
-                    loss = loss + config.lambda_keep * earlier_output_drift(
-                        [wrapped[n].effective_weight().float() - previous[n].float() for n in names],
-                        basis,
-                        [energies[n] for n in names],
-                    )
+                    deltas = [wrapped[n].effective_weight().float() - previous[n].float() for n in names]
+                    for weight, basis, energies in output_terms:
+                        loss = loss + weight * relative_output_drift(deltas, basis, [energies[n] for n in names])
                 value = float(loss.detach())
                 if not math.isfinite(value):  # checked before the step: non-finite values never reach the weights
                     raise TrainingDivergedError(_diverged(f"the loss is {value}", step + 1, config))

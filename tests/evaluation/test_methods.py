@@ -144,3 +144,40 @@ def test_mix_of_show_fusion_reproduces_each_lora_on_its_features(tmp_path, base_
         change = (x @ (w0 - w1).T).norm()
         assert error <= 0.05 * change + 1e-6, name
     assert combine["combine_bytes"] > 0
+
+
+def _unet_inputs_while_learning(method, task) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(noisy latents, timesteps) of every UNet call while ``method`` learns ``task``: every
+    pipeline the method loads is watched."""
+    import cns.library
+
+    seen, original = [], cns.library.load_base_pipeline
+
+    def watched(*args, **kwargs):
+        pipe = original(*args, **kwargs)
+        pipe.unet.register_forward_pre_hook(lambda module, a: seen.append((a[0].detach().clone(), a[1].detach().clone())))
+        return pipe
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cns.library, "load_base_pipeline", watched)
+        method.learn(task)
+    return seen
+
+
+@pytest.mark.parametrize("peer", ["ti", "c-lora", "mix-of-show"])
+def test_every_method_trains_on_the_same_batches_noise_and_timesteps(tmp_path, base_model, dummy_concepts, peer):
+    """One sampler for all: CNS (through the library) and each peer see, step by step, the same
+    images, noise and timesteps for one seed; another seed draws others."""
+    task = _tasks(dummy_concepts, tmp_path, 1)[0]
+    settings = dict(steps=4, num_class_images=0, batch_size=2)
+    cns_steps = _unet_inputs_while_learning(make_method("cns", tmp_path / "cns", str(base_model),
+                                                        micro_protocol(**settings)), task)
+    peer_steps = _unet_inputs_while_learning(make_method(peer, tmp_path / peer, str(base_model),
+                                                         micro_protocol(**settings)), task)
+    assert len(cns_steps) == len(peer_steps) == 4  # one UNet call per step, no class images drawn
+    for (noisy_a, t_a), (noisy_b, t_b) in zip(cns_steps, peer_steps):
+        assert torch.equal(t_a, t_b)
+        assert torch.equal(noisy_a, noisy_b)
+    other_seed = _unet_inputs_while_learning(make_method(peer, tmp_path / "seed1", str(base_model),
+                                                         micro_protocol(**settings, seed=1)), task)
+    assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(other_seed, cns_steps))

@@ -39,11 +39,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..model import cross_attention_kv_layers
-from ..training import Example, diffusion_target
+from ..training import Example
 
 __all__ = ["ConceptTask", "Method", "METHODS", "METHOD_LABELS", "make_method", "orthogonal_basis", "train_generic"]
 
@@ -140,31 +139,21 @@ def train_generic(
     extra_loss: Optional[Callable[[], Optional[torch.Tensor]]] = None,
 ) -> dict:
     """Eq. 8 (diffusion loss + prior preservation) on ``params`` and the embedding rows of
-    ``token_ids``, with an optional extra loss; everything else frozen. The same sampling of
-    images, noise and timesteps as :func:`cns.training.train_task` for a given seed."""
+    ``token_ids``, with an optional extra loss; everything else frozen. The batches, noise and
+    timesteps are :class:`cns.training.DenoisingStream`'s: for one seed, the same as every
+    other method's, CNS's included."""
     from ..sparse import RowDeltaEmbedding
-    from ..training import _encode_latents, _token_ids, _training_scheduler
+    from ..training import DenoisingStream
 
-    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    unet, text_encoder = pipe.unet, pipe.text_encoder
     device = unet.device
-    for module in (text_encoder, vae):
+    for module in (text_encoder, pipe.vae):
         module.requires_grad_(False)
     trainable = {id(p) for p in params}
     for p in unet.parameters():
         p.requires_grad_(id(p) in trainable)
-    scheduler = _training_scheduler(pipe)
-    generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
-    # latents and noise are drawn on the CPU (seeded) and moved to the UNet's device per step
-    inst_mean, inst_std = (t.cpu() for t in _encode_latents(vae, torch.stack([e.pixels for e in instance])))
-    inst_ids = _token_ids(tokenizer, [e.prompt for e in instance])
-    use_prior = bool(prior) and prior_loss_weight > 0
-    if use_prior:
-        prior_mean, prior_std = (t.cpu() for t in _encode_latents(vae, torch.stack([e.pixels for e in prior])))
-        with torch.no_grad():
-            prior_states = text_encoder(_token_ids(tokenizer, [e.prompt for e in prior]).to(device))[0].float().cpu()
-    scaling = getattr(vae.config, "scaling_factor", 0.18215)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    stream = DenoisingStream(pipe, instance, prior, batch_size, seed, prior_loss_weight, device)
     embedding = RowDeltaEmbedding(text_encoder.get_input_embeddings(), list(token_ids)) if token_ids else None
     if embedding is not None:
         text_encoder.set_input_embeddings(embedding)
@@ -174,27 +163,8 @@ def train_generic(
     losses: list[float] = []
     try:
         optimizer = torch.optim.Adam(groups, weight_decay=0.0) if groups else None
-        for _ in range(steps if optimizer else 0):
-            pick = torch.randint(len(instance), (batch_size,), generator=generator)
-            latents = inst_mean[pick] + inst_std[pick] * torch.randn(inst_mean[pick].shape, generator=generator)
-            ids = inst_ids[pick]
-            if use_prior:
-                pick_prior = torch.randint(len(prior), (batch_size,), generator=generator)
-                prior_latents = prior_mean[pick_prior] + prior_std[pick_prior] * torch.randn(
-                    prior_mean[pick_prior].shape, generator=generator)
-                latents = torch.cat([latents, prior_latents])
-            latents = (latents - shift) * scaling
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = diffusion_target(scheduler, latents, noise, timesteps).to(device)
-            states = text_encoder(ids.to(device))[0]
-            if use_prior:
-                states = torch.cat([states, prior_states[pick_prior].to(device, states.dtype)])
-            prediction = unet(noisy.to(device), timesteps.to(device), states).sample
-            loss = F.mse_loss(prediction[:batch_size].float(), target[:batch_size])
-            if use_prior:
-                loss = loss + prior_loss_weight * F.mse_loss(prediction[batch_size:].float(), target[batch_size:])
+        for step in range(steps if optimizer else 0):
+            loss = stream.loss(unet, text_encoder, stream.batch(step), device)
             if extra_loss is not None:
                 extra = extra_loss()
                 if extra is not None:
