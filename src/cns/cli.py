@@ -351,7 +351,9 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as typed, for reports
     _quiet_libraries()
     if args.command != "show" and not (args.command == "check" and not args.base):  # the commands that load a model
         _hide_loading_bars()

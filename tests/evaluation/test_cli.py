@@ -56,6 +56,34 @@ def test_cli_runs_the_tiny_world_protocol_on_the_dummy_model(tmp_path, world_wor
     assert "other settings" in capsys.readouterr().err
 
 
+def test_seeds_run_one_folder_each_and_report_every_figure_with_its_interval(tmp_path, world_words_model,
+                                                                             tiny_clip_path, capsys):
+    out = tmp_path / "eval"
+    args = _args(world_words_model, tiny_clip_path, out, methods=("cns", "ti", "cns:lambda_generic=10"))
+    args[args.index("--zero-shot") + 1] = "2"
+    assert main([*args, "--seeds", "0", "1"]) == 0
+    assert "report.md" in capsys.readouterr().out
+    runs = [json.loads((out / f"seed-{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert [json.loads((out / f"seed-{s}" / "protocol.json").read_text())["protocol"]["seed"] for s in (0, 1)] == [0, 1]
+    aggregated = json.loads((out / "intervals.json").read_text())["aggregate"]
+    assert aggregated["runs"] == 2 and aggregated["reference"] == "cns"
+    assert aggregated["labels"]["cns:lambda_generic=10"] == "CNS [lambda_generic=10]"
+    for key in ("cns", "ti"):
+        figure = aggregated["figures"][key]["single_clip_i"]
+        # the mean of the runs' means: each seed's own summary, averaged
+        assert figure["mean"] == pytest.approx(np.mean([r["summary"][key]["single_clip_i_mean"] for r in runs]))
+        assert figure["low"] <= figure["mean"] <= figure["high"] and figure["n"] == 2
+        zero_shot = aggregated["vs_base"][key]["zero_shot_clip_t"]
+        expected = np.mean([r["summary"][key]["zero_shot_clip_t"] - r["base"]["zero_shot"]["clip_t"] for r in runs])
+        assert zero_shot["mean"] == pytest.approx(expected)
+    assert "single_clip_i" in aggregated["vs_reference"]["ti"] and aggregated["vs_reference"]["cns"] == {}
+    report = (out / "report.md").read_text()
+    assert "## Paired difference from CNS" in report and "seeds: 0 1" in report and "--seeds 0 1" in report
+    # resumed: nothing is redone, the same figures come back
+    assert main([*args, "--seeds", "0", "1"]) == 0
+    assert json.loads((out / "intervals.json").read_text())["aggregate"]["figures"] == aggregated["figures"]
+
+
 def test_cli_refuses_a_missing_model_in_one_line(tmp_path, tiny_clip_path, capsys):
     out = tmp_path / "eval"
     assert main(_args(tmp_path / "no-such-model", tiny_clip_path, out)) == 2

@@ -24,13 +24,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .protocol import PRESETS
 
     p.add_argument("--preset", choices=PRESETS, default="quick",
-                   help="quick: 1 set of 7 concepts, few prompts and images, short training (about an hour on 2 "
-                        "CPU cores); paper: 3 sets, 35 single + 7 multi prompts per set, 50 images per prompt")
+                   help="quick: 1 set of 7 concepts, few prompts and images, short training; standard: the quick "
+                        "sizes on 3 sets x 3 seeds with 48 zero-shot prompts, figures with intervals; long: all 16 "
+                        "tiny-world concepts in one sequence x 3 seeds; paper: 3 sets, 35 single + 7 multi prompts per "
+                        "set, 50 images per prompt")
     p.add_argument("--model", help="base diffusers pipeline (default: the tiny-world model)")
     p.add_argument("--evaluator", help="CLIP model folder or hub id for scoring (default: the tiny world's evaluator)")
     p.add_argument("--out", default="cns-evaluation", help="results folder (a rerun resumes in it)")
-    p.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="METHOD",
-                   help=f"methods to run (default: all): {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help=f"methods to run (default: all): {', '.join(METHODS)}; a CNS method with LearnConfig "
+                        "settings changed is written KEY:NAME=VALUE,... (e.g. cns:lambda_generic=100)")
     p.add_argument("--sets", type=int, help="use the first N continual sets of the preset")
     p.add_argument("--concepts", type=int, help="use the first N concepts of each set")
     p.add_argument("--images", type=int, help="images per prompt")
@@ -51,7 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-tokens", action="store_true",
                    help="score CLIP-T on the prompt as written (default: tokens replaced by their class word)")
     p.add_argument("--text-prefix", help='prefix of CLIP-T texts, e.g. "A photo depicts "')
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="one run's seed (default 0); see --seeds")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="run every set once per seed (OUT/seed-N/, each resumable) and report every figure with its "
+                        "95%% interval over seeds, sets and prompts (default for the standard and long presets: 0 1 2)")
+    p.add_argument("--reference", default="cns",
+                   help="the method every other one is compared with, paired (default: cns)")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when there is one)")
     p.add_argument("--quiet", action="store_true")
 
@@ -119,26 +127,62 @@ def run_from_args(args) -> int:
         raise CNSError(f"cannot load the CLIP evaluator {evaluator}: {str(exc).splitlines()[0]}") from None
     calibration = Path(__file__).resolve().parent.parent / "world" / "calibration_prompts.txt"
     prompts = read_prompt_file(calibration) if calibration.is_file() else None
-    results = run_evaluation(protocol, str(model), scorer, args.out, methods=args.methods or DEFAULT_METHODS,
-                             device=args.device, calibration_prompts=prompts, progress=not args.quiet)
-    from .run import _state
+    from dataclasses import replace
 
+    from .aggregate import aggregate, write_interval_report
+    from .protocol import STANDARD_SEEDS
+    from .run import _state, _write_json
+
+    methods = args.methods or DEFAULT_METHODS
+    seeds = args.seeds or (list(STANDARD_SEEDS) if args.preset in ("standard", "long") and args.seed is None else None)
+    out = Path(args.out)
+    if seeds:
+        runs = [run_evaluation(replace(protocol, seed=seed), str(model), scorer, out / f"seed-{seed}", methods=methods,
+                               device=args.device, calibration_prompts=prompts, progress=not args.quiet)
+                for seed in seeds]
+    else:
+        runs = [run_evaluation(protocol, str(model), scorer, out, methods=methods, device=args.device,
+                               calibration_prompts=prompts, progress=not args.quiet)]
+    aggregated = aggregate(runs, reference=args.reference)
+    report = "report.md" if seeds else "intervals.md"
     if _state().is_main_process:
-        labels = results["labels"]
-        print(f"{'method':<48} {'CLIP-I':>7} {'CLIP-T':>7} {'A_T':>7} {'F_T':>7} {'BWT':>7} {'multi I':>8} {'multi T':>8}")
-        for key, row in results["summary"].items():
-            print(f"{labels[key]:<48} {row['single_clip_i_mean']:7.3f} {row['single_clip_t_mean']:7.3f} "
-                  f"{row['A_T_mean']:7.3f} {row['F_T_mean']:7.3f} {row['BWT_mean']:7.3f} "
-                  f"{row.get('multi_clip_i_mean', float('nan')):8.3f} {row.get('multi_clip_t_mean', float('nan')):8.3f}")
-        print(f"evaluation finished in {results['seconds']:.0f} s: open {Path(args.out) / 'report.md'}")
+        settings = runs[0]["settings"] + ([f"seeds: {' '.join(str(s) for s in seeds)} (OUT/seed-N/ holds each seed's "
+                                           "own report)"] if seeds else [])
+        _write_json(out / "intervals.json", {"seeds": seeds or [protocol.seed], "aggregate": aggregated})
+        (out / report).write_text(write_interval_report(
+            aggregated, f"Continual personalization on the tiny world ({protocol.name})", settings, _command_line(args)))
+        labels = aggregated["labels"]
+        figures = aggregated["figures"]
+        columns = ("single_clip_i", "single_clip_t", "multi_clip_i", "multi_clip_t", "F_T", "zero_shot_attributes")
+        print(f"{'method':<48} " + " ".join(f"{c.replace('_clip_', ' ').replace('zero_shot_', 'zs '):>13}"
+                                             for c in columns))
+        for key in aggregated["methods"]:
+            cells = []
+            for c in columns:
+                f = figures[key].get(c)
+                cells.append(f"{f['mean']:6.3f}±{(f['high'] - f['low']) / 2:5.3f}" if f else f"{'–':>13}")
+            print(f"{labels[key][:48]:<48} " + " ".join(f"{x:>13}" for x in cells))
+        seconds = sum(r["seconds"] for r in runs)
+        print(f"evaluation finished in {seconds:.0f} s: open {out / 'report.md'}"
+              + ("" if seeds else f" (the figures with their intervals: {out / report})"))
     return 0
+
+
+def _command_line(args) -> str:
+    """The command as typed, for the report (``cns evaluate ...``)."""
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or ["evaluate"])
+    return shlex.join(["cns", *argv])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cns evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = ["evaluate", *argv]
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

@@ -44,7 +44,8 @@ from safetensors.torch import load_file, save_file
 from ..model import cross_attention_kv_layers
 from ..training import Example
 
-__all__ = ["ConceptTask", "Method", "METHODS", "METHOD_LABELS", "make_method", "orthogonal_basis", "train_generic"]
+__all__ = ["ConceptTask", "Method", "METHODS", "METHOD_LABELS", "make_method", "method_label", "parse_variant",
+           "orthogonal_basis", "train_generic"]
 
 
 @dataclass
@@ -259,6 +260,7 @@ class CNSMethod(Method):
     neurons = "concept"
     regularize = True
     lambda_keep = 0.0
+    overrides: dict = {}  # LearnConfig settings of a variant (``cns:lambda_generic=100``)
 
     @property
     def library_path(self) -> Path:
@@ -279,7 +281,8 @@ class CNSMethod(Method):
                            lr_embedding=p.lr_embedding, select_ratio=p.select_ratio,
                            num_class_images=p.num_class_images,
                            prior_loss_weight=p.prior_loss_weight, seed=p.seed, neurons=self.neurons,
-                           regularize=self.regularize, lambda_keep=self.lambda_keep, device=self.device)
+                           regularize=self.regularize, lambda_keep=self.lambda_keep, device=self.device,
+                           **self.overrides)
 
     def learned(self) -> int:
         # the library commits a task atomically; a record may be missing after a crash in between
@@ -623,7 +626,43 @@ METHODS: dict[str, type[Method]] = {
 METHOD_LABELS = {k: m.label for k, m in METHODS.items()}
 
 
+def parse_variant(key: str) -> tuple[str, dict]:
+    """``"cns-keep:lambda_generic=100,select_ratio=0.2"`` -> ("cns-keep", {"lambda_generic": 100.0,
+    "select_ratio": 0.2}): a CNS method with LearnConfig settings changed. Values are read as
+    JSON (numbers, true / false, quoted strings) or kept as plain strings."""
+    from ..config import LearnConfig
+
+    base, _, spec = key.partition(":")
+    if base not in METHODS:
+        raise KeyError(f"unknown method {base!r}; choose from {', '.join(METHODS)}")
+    overrides = {}
+    if spec:
+        if not issubclass(METHODS[base], CNSMethod):
+            raise KeyError(f"{base}: only CNS methods take settings (cns:name=value,...)")
+        known = set(LearnConfig().to_dict())
+        for item in spec.split(","):
+            name, eq, text = item.partition("=")
+            if not eq or name.strip() not in known:
+                raise KeyError(f"{key}: {item!r} is not name=value with a LearnConfig setting name")
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                value = text
+            overrides[name.strip()] = value
+    return base, overrides
+
+
+def method_label(key: str) -> str:
+    base, overrides = parse_variant(key)
+    label = METHODS[base].label
+    if overrides:
+        label += " [" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "]"
+    return label
+
+
 def make_method(key: str, root, model: str, protocol, device=None, calibration_prompts=None) -> Method:
-    if key not in METHODS:
-        raise KeyError(f"unknown method {key!r}; choose from {', '.join(METHODS)}")
-    return METHODS[key](root, model, protocol, device=device, calibration_prompts=calibration_prompts)
+    base, overrides = parse_variant(key)
+    method = METHODS[base](root, model, protocol, device=device, calibration_prompts=calibration_prompts)
+    if overrides:
+        method.key, method.label, method.overrides = key, method_label(key), overrides
+    return method

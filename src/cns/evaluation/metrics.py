@@ -28,6 +28,7 @@ import torch
 
 __all__ = [
     "ClipScorer",
+    "continual_or_nan",
     "ClipSettings",
     "clip_i",
     "clip_t",
@@ -340,3 +341,11 @@ def backward_transfer(a: ArrayLike) -> float:
 def continual_summary(a: ArrayLike) -> dict[str, float]:
     """{'average': A_T, 'forgetting': F_T, 'bwt': BWT}."""
     return {"average": average_score(a), "forgetting": forgetting(a), "bwt": backward_transfer(a)}
+
+
+def continual_or_nan(matrix: np.ndarray) -> dict[str, float]:
+    """A_T, F_T, BWT of a score matrix; F_T and BWT are NaN where the run scored only the first
+    concept after each task (the long preset)."""
+    if np.isnan(matrix[np.tril_indices(matrix.shape[0])]).any():
+        return {"average": float(np.mean(matrix[-1])), "forgetting": float("nan"), "bwt": float("nan")}
+    return continual_summary(matrix)

@@ -8,8 +8,11 @@ budget every method gets, and the CLIP conventions. ``Protocol.describe()`` list
 setting; the report prints it.
 
 Presets: ``quick`` (one set of 7 concepts, few prompts and images, short training: every
-method within about an hour on 2 CPU cores on the tiny world) and ``paper`` (3 sets of 7,
-35 single + 7 multi prompts per set, 50 images per prompt, 500 steps).
+method within about half an hour on 2 CPU cores on the tiny world); ``standard`` (the quick
+sizes on all 3 sets, 6 multi-concept and 48 zero-shot prompts, run for seeds 0, 1 and 2: the
+figures with intervals); ``long`` (every tiny-world concept, 16 tasks in one sequence, the
+first concept scored after each task); ``paper`` (3 sets of 7, 35 single + 7 multi prompts per
+set, 50 images per prompt, 500 steps).
 """
 
 from __future__ import annotations
@@ -106,6 +109,7 @@ class Protocol:
     images_per_prompt: int = 4  # paper: 50, the best one kept (we report mean and best-of-N)
     reference_images: int = 5  # each concept's own images (3-6 in the tiny world)
     zero_shot_prompts: int = 8  # generic prompts naming no learned concept
+    score_after_each_task: str = "all"  # "all" concepts learned so far, or only the "first" (long runs)
     # --- training: the same budget for every method ---
     steps: int = 150
     batch_size: int = 4
@@ -160,7 +164,7 @@ class Protocol:
 
     def sampling_signature(self) -> dict:
         keys = ("single_prompts_per_concept", "multi_prompts_per_set", "images_per_prompt", "zero_shot_prompts",
-                "sample_steps", "guidance", "seed", "clip_scale", "clip_at_zero", "replace_tokens_with_class",
+                "score_after_each_task", "sample_steps", "guidance", "seed", "clip_scale", "clip_at_zero", "replace_tokens_with_class",
                 "text_prefix")
         data = {k: getattr(self, k) for k in keys}
         data["templates"] = {k: list(v) for k, v in self.templates.items()}
@@ -181,6 +185,8 @@ class Protocol:
             f"images per prompt: {self.images_per_prompt}, scored by the mean and by the best of N (paper: best of 50)",
             f"reference images per concept: {self.reference_images}",
             f"zero-shot prompts (no learned concept): {self.zero_shot_prompts}",
+            "scored after each task: " + ("every concept learned so far" if self.score_after_each_task == "all"
+                                          else "the first concept (every concept after the last task)"),
             f"training: {self.steps} steps, batch {self.batch_size} (+{self.batch_size} prior images), "
             f"lr embedding {self.lr_embedding:g}, lr K/V neurons {self.lr_neurons:g}, CNS select ratio "
             f"{self.select_ratio:g}, lr LoRA {self.lr_lora:g}, "
@@ -194,10 +200,26 @@ class Protocol:
         return lines
 
 
+# Every tiny-world concept in one continual sequence, kinds interleaved (the long run).
+TINY_WORLD_LONG_SET: tuple[str, ...] = (
+    "berry-heart", "starry-night", "halftone", "pip-bird", "tiger-star", "picnic-cloth", "mosaic", "bolt-robot",
+    "harbor-stripes", "double-line", "ocean-ring", "clown-fish", "bubble-wall", "crosshatch", "beach-ball", "mint-gem",
+)
+
+# The seeds of the standard and long presets (each seed: its own concept images, training and sampling noise).
+STANDARD_SEEDS = (0, 1, 2)
+
+
 def preset(name: str) -> Protocol:
-    """``quick`` or ``paper`` (see the module docstring)."""
+    """``quick``, ``standard``, ``long`` or ``paper`` (see the module docstring)."""
     if name == "quick":
         return Protocol(name="quick")
+    if name == "standard":
+        return Protocol(name="standard", sets=[list(s) for s in TINY_WORLD_SETS], multi_prompts_per_set=6,
+                        zero_shot_prompts=48)
+    if name == "long":
+        return Protocol(name="long", sets=[list(TINY_WORLD_LONG_SET)], multi_prompts_per_set=6, zero_shot_prompts=48,
+                        score_after_each_task="first")
     if name == "paper":
         return Protocol(
             name="paper",
@@ -213,7 +235,7 @@ def preset(name: str) -> Protocol:
     raise KeyError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
 
 
-PRESETS = ("quick", "paper")
+PRESETS = ("quick", "standard", "long", "paper")
 
 
 def tiny_world_concepts(names) -> dict[str, EvalConcept]:

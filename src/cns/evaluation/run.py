@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from ..errors import CNSError
-from .methods import METHOD_LABELS, METHODS, ConceptTask, make_method
-from .metrics import ClipScorer, continual_summary, cosine_matrix, prepare_prompt
+from .methods import ConceptTask, make_method, method_label, parse_variant
+from .metrics import ClipScorer, continual_or_nan, cosine_matrix, prepare_prompt
 from .protocol import EvalConcept, Protocol, multi_prompts, resolve_folder, single_prompts
 
 __all__ = ["ZeroShotSet", "tiny_world_zero_shot", "run_evaluation", "summarize", "write_report", "DEFAULT_METHODS"]
@@ -96,6 +96,11 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(type(o).__name__)
+
+
+def method_folder(key: str) -> str:
+    """A method's folder name: its key, a variant's settings spelt with file-name characters."""
+    return key.replace(":", "@").replace(",", "+")
 
 
 def _slug(text: str) -> str:
@@ -221,9 +226,11 @@ def run_evaluation(
     if device is None and state.device.type != "cpu":
         device = str(state.device)  # this process's GPU (one per process under accelerate launch)
     started = time.perf_counter()
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise CNSError(f"unknown methods {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    for m in methods:
+        try:
+            parse_variant(m)
+        except KeyError as exc:
+            raise CNSError(str(exc.args[0])) from None
     if concepts is None:
         from .protocol import tiny_world_concepts
 
@@ -273,6 +280,16 @@ def run_evaluation(
             summary["attribute_mean"] = float(np.mean(list(summary["attributes"].values())))
         return summary
 
+    def zero_shot_per_prompt(scored: list[dict]) -> list[dict]:
+        """Per prompt: CLIP-T (mean over its images) and the share of its (image, attribute)
+        pairs the evaluator reads right: the units of the intervals."""
+        items = []
+        for k, r in enumerate(scored):
+            hits = [pred == zero_shot.labels[k][a] for a in zs_candidates for pred in r["predicted"][a]]
+            items.append({"prompt": r["prompt"], "clip_t": float(np.mean(r["clip_t"])),
+                          "attributes": float(np.mean(hits)) if hits else None})
+        return items
+
     # --- the base model's zero-shot figures (once) ---
     if zero_shot is not None:
         path = out / "base" / "zero_shot.json"
@@ -283,9 +300,12 @@ def run_evaluation(
                 pipe.to(device)
             scored = _score_jobs(pipe, zero_shot_jobs(), protocol, scorer, {}, {}, None)
             if state.is_main_process:
-                _write_json(path, {"summary": zero_shot_summary(scored), "prompts": zero_shot.prompts})
+                _write_json(path, {"summary": zero_shot_summary(scored), "prompts": zero_shot.prompts,
+                                   "per_prompt": zero_shot_per_prompt(scored)})
             state.wait_for_everyone()
-        results["base"]["zero_shot"] = json.loads(path.read_text())["summary"]
+        stored = json.loads(path.read_text())
+        results["base"]["zero_shot"] = stored["summary"]
+        results["base"]["zero_shot_per_prompt"] = stored.get("per_prompt")
 
     for set_index, names in enumerate(protocol.sets):
         set_dir = out / f"set{set_index + 1}"
@@ -315,10 +335,11 @@ def run_evaluation(
                       "methods": {}}
 
         for key in methods:
-            method = make_method(key, set_dir / key, model, protocol, device=device,
+            method_dir = set_dir / method_folder(key)
+            method = make_method(key, method_dir, model, protocol, device=device,
                                  calibration_prompts=calibration_prompts)
-            eval_dir = set_dir / key / "eval"
-            image_dir = set_dir / key / "images"
+            eval_dir = method_dir / "eval"
+            image_dir = method_dir / "images"
             last = len(tasks) - 1
             for j, task in enumerate(tasks):
                 if state.is_main_process and method.learned() <= j:
@@ -330,13 +351,14 @@ def run_evaluation(
                     continue
                 log(f"set {set_index + 1} {key}: scoring after task {j + 1}")
                 pipe, combine = method.build(tasks[: j + 1])
+                scored_concepts = range(j + 1) if protocol.score_after_each_task == "all" or j == last else [0]
                 jobs = [{"key": f"t{j + 1}-c{i + 1}-p{k + 1}", "prompt": p, "concepts": [tasks[i].name],
                          "n": protocol.images_per_prompt, "save": j == last and k == 0}
-                        for i in range(j + 1) for k, p in enumerate(prompts[i])]
+                        for i in scored_concepts for k, p in enumerate(prompts[i])]
                 scored = _score_jobs(pipe, jobs, protocol, scorer, references, token_to_class, image_dir)
                 if state.is_main_process:
                     per_concept = {}
-                    for i in range(j + 1):
+                    for i in scored_concepts:
                         rows = [r for r in scored if r["key"].startswith(f"t{j + 1}-c{i + 1}-")]
                         per_concept[str(i)] = {
                             "clip_i": _mean_of_prompts(rows, "clip_i"), "clip_t": _mean_of_prompts(rows, "clip_t"),
@@ -364,7 +386,7 @@ def run_evaluation(
                 pipe, _ = method.build(tasks)
                 scored = _score_jobs(pipe, zero_shot_jobs(), protocol, scorer, {}, token_to_class, None)
                 if state.is_main_process:
-                    _write_json(unit_zs, {"summary": zero_shot_summary(scored)})
+                    _write_json(unit_zs, {"summary": zero_shot_summary(scored), "per_prompt": zero_shot_per_prompt(scored)})
                 state.wait_for_everyone()
             set_result["methods"][key] = _collect_method(method, eval_dir, len(tasks))
         results["sets"].append(set_result)
@@ -373,7 +395,7 @@ def run_evaluation(
     results["settings"] = protocol.describe()
     results["model"] = str(model)
     results["methods"] = list(methods)
-    results["labels"] = {k: METHOD_LABELS[k] for k in methods}
+    results["labels"] = {k: method_label(k) for k in methods}
     results["summary"] = summarize(results)
     results["seconds"] = time.perf_counter() - started
     if state.is_main_process:
@@ -404,6 +426,11 @@ def _collect_method(method, eval_dir: Path, n_tasks: int) -> dict:
                 for stat in ("mean", "best"):
                     data["matrices"][f"{metric}_{stat}"][j, int(i)] = scores[metric][stat]
         data["combine"] = unit["combine"]
+        if j == n_tasks - 1:  # the items of the single-concept figures: (concept, prompt) after the last task
+            data["single_items"] = [
+                {"concept": int(i), "prompt": r["prompt"], "clip_i": float(np.mean(r["clip_i"])),
+                 "clip_t": float(np.mean(r["clip_t"]))}
+                for i, scores in sorted(unit["concepts"].items(), key=lambda kv: int(kv[0])) for r in scores["prompts"]]
         record = method.record(j)
         data["tasks"].append({k: v for k, v in record.items() if k != "instance_prompts"})
     data["matrices"] = {k: [[None if math.isnan(x) else x for x in row] for row in m.tolist()]
@@ -414,7 +441,9 @@ def _collect_method(method, eval_dir: Path, n_tasks: int) -> dict:
                          "prompts": [{"prompt": r["prompt"], "clip_i": _summary_stats(r["clip_i"]),
                                       "clip_t": _summary_stats(r["clip_t"])} for r in multi["prompts"]]}
     if (eval_dir / "zero_shot.json").is_file():
-        data["zero_shot"] = json.loads((eval_dir / "zero_shot.json").read_text())["summary"]
+        stored = json.loads((eval_dir / "zero_shot.json").read_text())
+        data["zero_shot"] = stored["summary"]
+        data["zero_shot_per_prompt"] = stored.get("per_prompt")
     return data
 
 
@@ -438,7 +467,7 @@ def summarize(results: dict) -> dict:
             ct = [score_matrix(m, f"clip_t_{stat}") for m in per_set]
             row[f"single_clip_i_{stat}"] = float(np.mean([m[-1].mean() for m in ci]))
             row[f"single_clip_t_{stat}"] = float(np.mean([m[-1].mean() for m in ct]))
-            cs = [continual_summary(m) for m in ci]
+            cs = [continual_or_nan(m) for m in ci]
             row[f"A_T_{stat}"] = float(np.mean([c["average"] for c in cs]))
             row[f"F_T_{stat}"] = float(np.mean([c["forgetting"] for c in cs]))
             row[f"BWT_{stat}"] = float(np.mean([c["bwt"] for c in cs]))
@@ -641,7 +670,7 @@ def write_grids(out: Path, results: dict) -> list[str]:
         for c in set_result["concepts"]:
             folder = Path(c["folder"])
             refs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png")[:3]
-            drawn = out / "set1" / key / "images" / f"t{len(set_result['concepts'])}-c{c['index'] + 1}-p1.png"
+            drawn = out / "set1" / method_folder(key) / "images" / f"t{len(set_result['concepts'])}-c{c['index'] + 1}-p1.png"
             if not drawn.is_file():
                 continue
             drawn_image = Image.open(drawn).convert("RGB")

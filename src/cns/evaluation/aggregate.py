@@ -1,0 +1,182 @@
+"""Figures over several continual runs (seeds x sets), each with its 95 % interval, and the
+paired difference of every method from a reference method (the default CNS).
+
+A run is one seed of one continual set; its items are prompts (single-concept prompts after
+the last task, multi-concept prompts, zero-shot prompts) or the run itself (A_T, F_T, BWT).
+Intervals come from :func:`cns.evaluation.intervals.bootstrap_interval` over runs and items.
+Zero-shot figures are also given as the paired difference from the base model, prompt by
+prompt (the base model drew the same prompts with the same seeds).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .intervals import Interval, bootstrap_interval, paired_differences
+from .metrics import continual_or_nan
+
+__all__ = ["METRICS", "run_items", "aggregate", "write_interval_report"]
+
+# key -> (label, higher is better)
+METRICS: dict[str, tuple[str, bool]] = {
+    "single_clip_i": ("single CLIP-I", True),
+    "single_clip_t": ("single CLIP-T", True),
+    "multi_clip_i": ("multi CLIP-I", True),
+    "multi_clip_t": ("multi CLIP-T", True),
+    "A_T": ("A_T", True),
+    "F_T": ("F_T", False),
+    "first_concept_change": ("first concept's CLIP-I, last task minus first", True),
+    "zero_shot_clip_t": ("zero-shot CLIP-T", True),
+    "zero_shot_attributes": ("zero-shot attribute accuracy", True),
+}
+
+
+def _matrix(method_result: dict) -> np.ndarray:
+    return np.array([[np.nan if x is None else x for x in row] for row in method_result["matrices"]["clip_i_mean"]],
+                    dtype=float)
+
+
+def run_items(method_result: dict) -> dict[str, list[float | None]]:
+    """The items of one method in one run, per metric (empty where the run lacks them)."""
+    items: dict[str, list[float | None]] = {}
+    single = method_result.get("single_items") or []
+    items["single_clip_i"] = [r["clip_i"] for r in single]
+    items["single_clip_t"] = [r["clip_t"] for r in single]
+    multi = (method_result.get("multi") or {}).get("prompts") or []
+    items["multi_clip_i"] = [r["clip_i"]["mean"] for r in multi]
+    items["multi_clip_t"] = [r["clip_t"]["mean"] for r in multi]
+    matrix = _matrix(method_result)
+    summary = continual_or_nan(matrix)
+    items["A_T"], items["F_T"] = [summary["average"]], [summary["forgetting"]]
+    items["first_concept_change"] = [float(matrix[-1, 0] - matrix[0, 0])]
+    zero_shot = method_result.get("zero_shot_per_prompt") or []
+    items["zero_shot_clip_t"] = [r["clip_t"] for r in zero_shot]
+    items["zero_shot_attributes"] = [r["attributes"] for r in zero_shot]
+    return items
+
+
+def _base_items(base_per_prompt) -> dict[str, list[float | None]]:
+    rows = base_per_prompt or []
+    return {"zero_shot_clip_t": [r["clip_t"] for r in rows], "zero_shot_attributes": [r["attributes"] for r in rows]}
+
+
+def aggregate(runs: Sequence[dict], reference: str | None = "cns", seed: int = 0) -> dict:
+    """``runs``: results of :func:`cns.evaluation.run.run_evaluation`, one per seed; every set of
+    every seed is one cluster. Returns per method and metric its interval, its paired
+    difference from ``reference`` (when that method ran), and for zero-shot metrics its paired
+    difference from the base model; plus the first concept's mean CLIP-I curve and the base
+    model's own zero-shot intervals."""
+    methods: list[str] = []
+    labels: dict[str, str] = {}
+    clusters: dict[str, dict[str, list]] = {}
+    base_clusters: dict[str, list] = {}
+    curves: dict[str, list] = {}
+    for results in runs:
+        labels.update(results.get("labels", {}))
+        base = _base_items(results.get("base", {}).get("zero_shot_per_prompt"))
+        for set_result in results["sets"]:
+            for metric, values in base.items():
+                base_clusters.setdefault(metric, []).append(values)
+            for key in results["methods"]:
+                if key not in set_result["methods"]:
+                    continue
+                if key not in methods:
+                    methods.append(key)
+                method_result = set_result["methods"][key]
+                for metric, values in run_items(method_result).items():
+                    clusters.setdefault(key, {}).setdefault(metric, []).append(values)
+                curves.setdefault(key, []).append(_matrix(method_result)[:, 0])
+    out: dict = {"methods": methods, "labels": {k: labels.get(k, k) for k in methods}, "reference": None,
+                 "runs": sum(len(r["sets"]) for r in runs), "figures": {}, "vs_reference": {}, "vs_base": {},
+                 "base": {}, "first_concept_curve": {}}
+    if reference in methods:
+        out["reference"] = reference
+    for metric, values in base_clusters.items():
+        interval = bootstrap_interval(values, seed=seed)
+        if interval is not None:
+            out["base"][metric] = interval.to_dict()
+    for key in methods:
+        figures, versus, versus_base = {}, {}, {}
+        for metric, values in clusters[key].items():
+            interval = bootstrap_interval(values, seed=seed)
+            if interval is None:
+                continue
+            figures[metric] = interval.to_dict()
+            if out["reference"] and key != out["reference"]:
+                diff = _paired(values, clusters[out["reference"]].get(metric), seed)
+                if diff is not None:
+                    versus[metric] = diff.to_dict()
+            if metric in base_clusters:
+                diff = _paired(values, base_clusters[metric], seed)
+                if diff is not None:
+                    versus_base[metric] = diff.to_dict()
+        out["figures"][key], out["vs_reference"][key], out["vs_base"][key] = figures, versus, versus_base
+        lengths = {len(c) for c in curves[key]}
+        if len(lengths) == 1:
+            out["first_concept_curve"][key] = np.nanmean(np.stack(curves[key]), axis=0).tolist()
+    return out
+
+
+def _paired(a, b, seed: int) -> Interval | None:
+    if b is None or len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        return None  # not the same items (a method missing in some run): no pairing
+    return bootstrap_interval(paired_differences(a, b), seed=seed)
+
+
+def _cell(figure: dict | None, signed: bool = False) -> str:
+    if not figure:
+        return "–"
+    sign = "+" if signed else ""
+    return f"{figure['mean']:{sign}.3f} [{figure['low']:{sign}.3f}, {figure['high']:{sign}.3f}]"
+
+
+def write_interval_report(aggregated: dict, title: str, settings: Sequence[str] = (), command: str = "") -> str:
+    """Markdown: every figure with its 95 % interval, the paired differences from the
+    reference method and, for zero-shot figures, from the base model."""
+    labels, methods = aggregated["labels"], aggregated["methods"]
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["Made by", "", f"    {command}", ""]
+    lines += [f"{aggregated['runs']} continual runs (seeds x sets). Every figure: mean [95 % interval], a two-level "
+              "bootstrap over runs and, within each run, its prompts (`cns.evaluation.intervals`).", ""]
+    if settings:
+        lines += ["## Settings", ""] + [f"- {s}" for s in settings] + [""]
+    columns = ["single_clip_i", "single_clip_t", "multi_clip_i", "multi_clip_t", "F_T", "first_concept_change"]
+    lines += ["## Personalization and forgetting", "",
+              "| method | " + " | ".join(METRICS[c][0] for c in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    for key in methods:
+        lines.append(f"| {labels[key]} | " + " | ".join(_cell(aggregated["figures"][key].get(c)) for c in columns)
+                     + " |")
+    zs = ["zero_shot_clip_t", "zero_shot_attributes"]
+    base = aggregated.get("base", {})
+    if base:
+        lines += ["", "## Zero-shot preservation (held-out generic prompts; Δ: paired, prompt by prompt, vs the "
+                  "base model)", "",
+                  "| method | CLIP-T | Δ CLIP-T | attribute accuracy | Δ attribute accuracy |", "|---|---|---|---|---|",
+                  f"| base model | {_cell(base.get(zs[0]))} | – | {_cell(base.get(zs[1]))} | – |"]
+        for key in methods:
+            f, d = aggregated["figures"][key], aggregated["vs_base"][key]
+            lines.append(f"| {labels[key]} | {_cell(f.get(zs[0]))} | {_cell(d.get(zs[0]), True)} | "
+                         f"{_cell(f.get(zs[1]))} | {_cell(d.get(zs[1]), True)} |")
+    reference = aggregated.get("reference")
+    if reference:
+        columns = ["single_clip_i", "single_clip_t", "multi_clip_i", "multi_clip_t", "F_T", "zero_shot_clip_t",
+                   "zero_shot_attributes"]
+        lines += ["", f"## Paired difference from {labels[reference]} (method minus reference)", "",
+                  "Same runs, prompts and seeds: an interval that excludes 0 is a difference these runs resolve.",
+                  "", "| method | " + " | ".join(METRICS[c][0] for c in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for key in methods:
+            if key == reference:
+                continue
+            d = aggregated["vs_reference"][key]
+            lines.append(f"| {labels[key]} | " + " | ".join(_cell(d.get(c), True) for c in columns) + " |")
+    curves = aggregated.get("first_concept_curve", {})
+    if curves:
+        lines += ["", "## The first concept's CLIP-I after each task (mean over runs)", ""]
+        for key, curve in curves.items():
+            lines.append(f"- {labels[key]}: " + " → ".join(f"{x:.3f}" for x in curve))
+    return "\n".join(lines) + "\n"
