@@ -138,10 +138,14 @@ def cmd_show(args) -> int:
     if not summary["concepts"]:
         print("no concepts yet: add one with `cns learn`")
         return 0
-    print(f"{'token':<12} {'class':<12} {'images':>6} {'neurons':>9} {'density':>8} {'overlap':>8}")
+    print(f"{'token':<12} {'class':<12} {'images':>6} {'neurons':>9} {'density':>8} {'overlap':>8} "
+          f"{'moved generic':>14} {'moved earlier':>14}")
     for c in summary["concepts"]:
+        moved = [f"{100 * c['drift'][k]:.1f}%" if k in c.get("drift", {}) else "–" for k in ("generic", "earlier_tokens")]
         print(f"{c['token']:<12} {c['class_word']:<12} {c['images']:>6} {c['neurons']:>9,} "
-              f"{c['density']:>8.3%} {c['overlap_with_earlier']:>8,}")
+              f"{c['density']:>8.3%} {c['overlap_with_earlier']:>8,} {moved[0]:>14} {moved[1]:>14}")
+    print("moved: how far the concept's task changed the keys and values of generic prompts (the calibration "
+          "prompts) and of earlier concepts' tokens, relative to what they were")
     return 0
 
 

@@ -48,6 +48,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .captions import Captioner, captions_for_images, insert_token
 from .config import LearnConfig, resolve_device
+from .diagnostics import drift_by_route
 from .errors import CNSError
 from .images import image_tensor, load_image_folder
 from .model import cross_attention_kv_layers, encode_prompts, encode_token_states, kv_fingerprint, layer_shapes
@@ -65,6 +66,7 @@ FORMAT_VERSION = 1
 MANIFEST = "library.json"
 TASK_FILES = ("task.json", "masks.safetensors", "values.safetensors", "embeddings.safetensors")
 CHECKPOINT_PREFIX = ".checkpoint-"
+EARLIER_DRIFT_WARNING = 0.2  # relative change of earlier tokens' keys and values above which learn warns
 
 
 def default_calibration_prompts() -> list[str]:
@@ -772,6 +774,8 @@ class ConceptLibrary:
             if resume is not None:
                 warnings.warn(f"resuming the interrupted learn of {', '.join(p['token'] for p in prepared)} from "
                               f"its checkpoint at step {resume.step} of {config.steps}")
+            kv_before = {n: layer.weight.detach().clone() for n, layer in cross_attention_kv_layers(pipe.unet).items()
+                         if n in union}
             result = train_task(
                 pipe, union, ids, instance, prior, config, reg_masks=reg_masks, pretrained=pretrained,
                 progress=progress, resume=resume, on_checkpoint=lambda state: _save_checkpoint(checkpoint, key, state),
@@ -779,7 +783,8 @@ class ConceptLibrary:
             )
             embeddings = {p["token"]: result.embeddings[int(i)] for p, i in zip(prepared, ids)}
             records = [self._concept_record(p, config) for p in prepared]
-            self._commit_task(staging, records, prepared, union, embeddings, result, config)
+            drift = self._drift(pipe, kv_before, torch.cat(calibration), earlier_union)
+            self._commit_task(staging, records, prepared, union, embeddings, result, config, drift)
         except TrainingDivergedError:
             if checkpoint is not None and _is_checkpoint(checkpoint):
                 remove_tree(checkpoint)  # it would only resume the same divergence
@@ -947,7 +952,27 @@ class ConceptLibrary:
             "selection": p["selection"],
         }
 
-    def _commit_task(self, staging: Path, records, prepared, union, embeddings, result, config) -> None:
+    def _drift(self, pipe, kv_before: dict, generic_states: torch.Tensor, earlier_union: dict) -> dict:
+        """How far the task just trained moved the keys and values of the calibration prompts
+        (``generic``) and of earlier concepts' tokens in their prompts (``earlier_tokens``),
+        split into the route through elements earlier concepts trained (``overlap``) and the
+        task's own (:func:`cns.diagnostics.drift_by_route`); warns when earlier tokens moved far."""
+        layers = cross_attention_kv_layers(pipe.unet)
+        after = {n: layers[n].weight.detach() for n in kv_before}
+        drift = {"generic": drift_by_route(kv_before, after, generic_states, earlier_union)}
+        pairs = [(c["token"], q) for c in self.concepts for q in c.get("instance_prompts", [])]
+        if pairs:
+            states = encode_token_states(pipe.tokenizer, pipe.text_encoder, pairs)
+            if states.numel():
+                drift["earlier_tokens"] = drift_by_route(kv_before, after, states, earlier_union)
+                drift["earlier_tokens"].pop("layers", None)
+                moved = drift["earlier_tokens"]["total"]
+                if moved > EARLIER_DRIFT_WARNING:
+                    warnings.warn(f"this task moved the keys and values of earlier concepts' tokens by {moved:.1%} "
+                                  "(relative): they may be drawn differently now; --lambda-keep holds them")
+        return drift
+
+    def _commit_task(self, staging: Path, records, prepared, union, embeddings, result, config, drift=None) -> None:
         """Write the task's files into ``staging/task``, flush them, rename that folder to a free
         ``tasks/NNNN``, then name it in the manifest (replaced atomically). ``train_task`` has
         refused non-finite values and ``embeddings`` (its rows, keyed by token) already."""
@@ -979,6 +1004,7 @@ class ConceptLibrary:
                     ),
                 },
                 "task_neurons": sum(int(m.sum()) for m in union.values()),
+                "drift": drift or {},
             }
             with open(folder / "task.json", "w", encoding="utf-8") as f:
                 json.dump(task_record, f, indent=2)
@@ -1094,10 +1120,18 @@ class ConceptLibrary:
 
     def summary(self) -> dict:
         """What ``cns show --json`` prints: the base model, each concept's neuron counts and
-        overlaps, and how much of K/V no concept has touched."""
+        overlaps, how far its task moved the keys and values of the calibration prompts and of
+        earlier concepts' tokens (relative, :mod:`cns.diagnostics`), and how much of K/V no
+        concept has touched."""
         masks = self.concept_masks()
         concepts = []
         running = None
+        drift = {}
+        for task in self.tasks:
+            record = self.task_record(task).get("drift") or {}
+            for token in task["tokens"]:
+                drift[token] = {where: record[where]["total"] for where in ("generic", "earlier_tokens")
+                                if where in record}
         for concept, mask in zip(self.concepts, masks):
             overlap = 0 if running is None else sum(int((mask[n] & running[n]).sum()) for n in mask)
             running = mask if running is None else {n: running[n] | mask[n] for n in mask}
@@ -1111,6 +1145,7 @@ class ConceptLibrary:
                 "overlap_with_earlier": overlap,
                 "base_density": concept["selection"]["density"]["base"],
                 "general_density": concept["selection"]["density"]["general"],
+                "drift": drift.get(concept["token"], {}),
             })
         total = sum(o * i for o, i in self.base_model["layers"].values())
         touched = sum(int(m.sum()) for m in running.values()) if running else 0

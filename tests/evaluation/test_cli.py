@@ -77,6 +77,9 @@ def test_seeds_run_one_folder_each_and_report_every_figure_with_its_interval(tmp
         expected = np.mean([r["summary"][key]["zero_shot_clip_t"] - r["base"]["zero_shot"]["clip_t"] for r in runs])
         assert zero_shot["mean"] == pytest.approx(expected)
     assert "single_clip_i" in aggregated["vs_reference"]["ti"] and aggregated["vs_reference"]["cns"] == {}
+    # the diagnosis: Textual Inversion leaves every K/V weight alone, CNS moves generic prompts' K/V a little
+    assert aggregated["figures"]["ti"]["generic_kv_change"]["mean"] == 0.0
+    assert 0 < aggregated["figures"]["cns"]["generic_kv_change"]["mean"] < 1
     report = (out / "report.md").read_text()
     assert "## Paired difference from CNS" in report and "seeds: 0 1" in report and "--seeds 0 1" in report
     # resumed: nothing is redone, the same figures come back

@@ -28,6 +28,7 @@ METRICS: dict[str, tuple[str, bool]] = {
     "A_T": ("A_T", True),
     "F_T": ("F_T", False),
     "first_concept_change": ("first concept's CLIP-I, last task minus first", True),
+    "generic_kv_change": ("K/V change of held-out generic prompts", False),
     "zero_shot_clip_t": ("zero-shot CLIP-T", True),
     "zero_shot_attributes": ("zero-shot attribute accuracy", True),
 }
@@ -51,6 +52,7 @@ def run_items(method_result: dict) -> dict[str, list[float | None]]:
     summary = continual_or_nan(matrix)
     items["A_T"], items["F_T"] = [summary["average"]], [summary["forgetting"]]
     items["first_concept_change"] = [float(matrix[-1, 0] - matrix[0, 0])]
+    items["generic_kv_change"] = list((method_result.get("generic_kv_change") or [None])[-1:])
     zero_shot = method_result.get("zero_shot_per_prompt") or []
     items["zero_shot_clip_t"] = [r["clip_t"] for r in zero_shot]
     items["zero_shot_attributes"] = [r["attributes"] for r in zero_shot]
@@ -155,12 +157,15 @@ def write_interval_report(aggregated: dict, title: str, settings: Sequence[str] 
     if base:
         lines += ["", "## Zero-shot preservation (held-out generic prompts; Δ: paired, prompt by prompt, vs the "
                   "base model)", "",
-                  "| method | CLIP-T | Δ CLIP-T | attribute accuracy | Δ attribute accuracy |", "|---|---|---|---|---|",
-                  f"| base model | {_cell(base.get(zs[0]))} | – | {_cell(base.get(zs[1]))} | – |"]
+                  "K/V change: ||(W_T - W_0) C|| / ||W_0 C|| after the last task, C every position of the zero-shot "
+                  "prompts: how far the method moved what generic prompts feed the UNet.", "",
+                  "| method | CLIP-T | Δ CLIP-T | attribute accuracy | Δ attribute accuracy | K/V change |",
+                  "|---|---|---|---|---|---|",
+                  f"| base model | {_cell(base.get(zs[0]))} | – | {_cell(base.get(zs[1]))} | – | – |"]
         for key in methods:
             f, d = aggregated["figures"][key], aggregated["vs_base"][key]
             lines.append(f"| {labels[key]} | {_cell(f.get(zs[0]))} | {_cell(d.get(zs[0]), True)} | "
-                         f"{_cell(f.get(zs[1]))} | {_cell(d.get(zs[1]), True)} |")
+                         f"{_cell(f.get(zs[1]))} | {_cell(d.get(zs[1]), True)} | {_cell(f.get('generic_kv_change'))} |")
     reference = aggregated.get("reference")
     if reference:
         columns = ["single_clip_i", "single_clip_t", "multi_clip_i", "multi_clip_t", "F_T", "zero_shot_clip_t",

@@ -103,6 +103,12 @@ def method_folder(key: str) -> str:
     return key.replace(":", "@").replace(",", "+")
 
 
+def _kv_weights(pipe) -> dict:
+    from ..model import cross_attention_kv_layers
+
+    return {n: layer.weight.detach() for n, layer in cross_attention_kv_layers(pipe.unet).items()}
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:80] or "x"
 
@@ -244,6 +250,15 @@ def run_evaluation(
 
     base_probe = load_base_pipeline(model)
     resolution = base_probe.unet.config.sample_size * base_probe.vae_scale_factor
+    # the diagnosis: how far each method's K/V moved the held-out generic prompts from the base model
+    generic_states = base_kv = None
+    if zero_shot is not None:
+        from ..diagnostics import kv_outputs
+        from ..model import encode_prompts
+
+        with torch.no_grad():
+            generic_states = torch.cat(encode_prompts(base_probe.tokenizer, base_probe.text_encoder, zero_shot.prompts))
+        base_kv = kv_outputs(_kv_weights(base_probe), generic_states)
     del base_probe
 
     # settings: a finished unit is reused only under the same training and sampling settings
@@ -356,6 +371,11 @@ def run_evaluation(
                          "n": protocol.images_per_prompt, "save": j == last and k == 0}
                         for i in scored_concepts for k, p in enumerate(prompts[i])]
                 scored = _score_jobs(pipe, jobs, protocol, scorer, references, token_to_class, image_dir)
+                drift = None
+                if generic_states is not None:
+                    from ..diagnostics import kv_outputs, relative_change
+
+                    drift = relative_change(base_kv, kv_outputs(_kv_weights(pipe), generic_states))
                 if state.is_main_process:
                     per_concept = {}
                     for i in scored_concepts:
@@ -364,7 +384,8 @@ def run_evaluation(
                             "clip_i": _mean_of_prompts(rows, "clip_i"), "clip_t": _mean_of_prompts(rows, "clip_t"),
                             "prompts": rows,
                         }
-                    _write_json(unit, {"task": j + 1, "combine": combine, "concepts": per_concept})
+                    _write_json(unit, {"task": j + 1, "combine": combine, "concepts": per_concept,
+                                       "generic_kv_change": drift})
                 state.wait_for_everyone()
                 del pipe
             # --- after the last task: multi-concept prompts and zero-shot preservation ---
@@ -426,6 +447,10 @@ def _collect_method(method, eval_dir: Path, n_tasks: int) -> dict:
                 for stat in ("mean", "best"):
                     data["matrices"][f"{metric}_{stat}"][j, int(i)] = scores[metric][stat]
         data["combine"] = unit["combine"]
+        change = unit.get("generic_kv_change")
+        data.setdefault("generic_kv_change", []).append(change["total"] if change else None)
+        if change and j == n_tasks - 1:
+            data["generic_kv_change_layers"] = change["layers"]
         if j == n_tasks - 1:  # the items of the single-concept figures: (concept, prompt) after the last task
             data["single_items"] = [
                 {"concept": int(i), "prompt": r["prompt"], "clip_i": float(np.mean(r["clip_i"])),
@@ -486,6 +511,9 @@ def summarize(results: dict) -> dict:
             row["zero_shot_clip_t"] = float(np.mean([z["clip_t"] for z in zs]))
             if "attribute_mean" in zs[0]:
                 row["zero_shot_attributes"] = float(np.mean([z["attribute_mean"] for z in zs]))
+        changes = [m.get("generic_kv_change") for m in per_set]
+        if all(c and None not in c for c in changes):
+            row["generic_kv_change_curve"] = np.mean(changes, axis=0).tolist()
         first = [score_matrix(m, "clip_i_mean")[:, 0] for m in per_set]
         row["first_concept_curve"] = np.mean(first, axis=0).tolist()
         summary[key] = row
@@ -581,6 +609,13 @@ def write_report(out: Path, results: dict) -> None:
     lines += ["", "## Forgetting of the first concept (CLIP-I after each task)", ""]
     for key, row in summary.items():
         lines.append(f"- {labels[key]}: " + " → ".join(_fmt(x) for x in row["first_concept_curve"]))
+    if any("generic_kv_change_curve" in r for r in summary.values()):
+        lines += ["", "## Diagnosis: how far the keys and values of held-out generic prompts moved from the base model",
+                  "", "||(W_j - W_0) C|| / ||W_0 C|| over every cross-attention K/V layer, C: every position of the "
+                  "zero-shot prompts, after each task j (`cns.diagnostics`).", ""]
+        for key, row in summary.items():
+            if "generic_kv_change_curve" in row:
+                lines.append(f"- {labels[key]}: " + " → ".join(f"{100 * x:.1f}%" for x in row["generic_kv_change_curve"]))
     for name in plots:
         lines += ["", f"![]({name})"]
     for s, set_result in enumerate(results["sets"], 1):
