@@ -34,10 +34,10 @@ import torch  # noqa: E402
 from cns.config import LearnConfig  # noqa: E402
 from cns.evaluation.metrics import ClipScorer, ClipSettings, clip_i  # noqa: E402
 from cns.generate import image_grid  # noqa: E402
-from cns.library import ConceptLibrary, ConceptSpec, read_prompt_file  # noqa: E402
+from cns.library import ConceptLibrary, ConceptSpec  # noqa: E402
 from cns.world.concepts import get_concept, write_concept_folder  # noqa: E402
 from cns.world.demo import (  # noqa: E402
-    _CLASS_PROMPTS, CALIBRATION_FILE, DemoSettings, _images, _learn_config, concept_prompt,
+    _CLASS_PROMPTS, DemoSettings, calibration_prompts, _images, _learn_config, concept_prompt,
 )
 from cns.world.evaluator import EVALUATOR_PATH  # noqa: E402
 from cns.world.pretrain import DEFAULT_MODEL_PATH  # noqa: E402
@@ -96,7 +96,7 @@ def main() -> None:
         if name not in base:
             write_concept_folder(concept, folder, seed=demo.seed)
             library = ConceptLibrary.create(work / f"base-{name}", str(DEFAULT_MODEL_PATH),
-                                            calibration_prompts=read_prompt_file(CALIBRATION_FILE))
+                                            calibration_prompts=calibration_prompts())
             pipe = library.load_pipeline(device=args.device)
             size = library.base_model["resolution"]
             references = scorer.image_embeddings(_images(folder, size))
@@ -110,7 +110,7 @@ def main() -> None:
         references, before_score = base[name]
         config = dataclasses.replace(_learn_config(demo), device=args.device, **setting)  # the demo's, varied
         library = ConceptLibrary.create(Path(tempfile.mkdtemp(dir=work)) / "lib", str(DEFAULT_MODEL_PATH),
-                                        calibration_prompts=read_prompt_file(CALIBRATION_FILE))
+                                        calibration_prompts=calibration_prompts())
         spec = ConceptSpec(folder, concept.class_word, captions_file=folder / "captions.json", class_data_dir=class_dir,
                            class_prompt=class_prompt)
         t = time.perf_counter()

@@ -18,8 +18,14 @@ from .evaluation.cli import register as register_evaluate
 __all__ = ["main", "build_parser"]
 
 
-def _learn_config(args) -> LearnConfig:
-    config = LearnConfig()
+def _learn_config(args, defaults: LearnConfig | None = None) -> LearnConfig:
+    """The library's defaults (the base model's recommended settings), then ``--method``, then
+    every flag given."""
+    from .model_settings import METHOD_PRESETS
+
+    config = defaults or LearnConfig()
+    for field, value in METHOD_PRESETS.get(getattr(args, "method", None) or "", {}).items():
+        setattr(config, field, value)
     for field in (
         "steps", "seed", "batch_size", "select_ratio", "select_rule", "lr_embedding", "lr_neurons",
         "lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "prior_loss_weight", "num_class_images",
@@ -43,6 +49,10 @@ def cmd_init(args) -> int:
     library = ConceptLibrary.create(args.library, args.model, revision=args.revision, calibration_prompts=prompts)
     print(f"created concept library {library.path} on {library.base_model['name_or_path']} "
           f"({len(library.base_model['layers'])} cross-attention K/V layers)")
+    recommended = library.manifest.get("learn_defaults") or {}
+    if recommended:
+        print("learning defaults from the model's cns_settings.json: "
+              + ", ".join(f"{k} {v}" for k, v in recommended.items()))
     return 0
 
 
@@ -62,7 +72,8 @@ def cmd_learn(args) -> int:
                              captions_file=args.captions, class_data_dir=args.class_images)]
     captioner = TransformersCaptioner(args.captioner) if args.captioner else None
     prompts = read_prompt_file(args.calibration) if args.calibration else None
-    records = library.learn(specs, _learn_config(args), captioner=captioner, calibration_prompts=prompts,
+    records = library.learn(specs, _learn_config(args, library.default_config()), captioner=captioner,
+                            calibration_prompts=prompts,
                             progress=not args.quiet)
     for record in records:
         report = record["selection"]
@@ -207,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="start a concept library on a base model")
     p.add_argument("library")
-    p.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (e.g. a SD-1.5 repo)")
+    p.add_argument("--model", required=True,
+                   help="diffusers pipeline folder, hub id (e.g. a SD-1.5 repo), or tiny-world (the shipped model); "
+                        "a cns_settings.json beside its model_index.json gives the library its learning defaults")
     p.add_argument("--revision")
     p.add_argument("--calibration", help="file of calibration prompts (one a line) for general neurons")
     p.set_defaults(func=cmd_init)
@@ -236,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-keep", type=float,
                    help="beyond the paper: weight of L_keep, which holds the keys and values of earlier "
                         "concepts' tokens (0, the default: off; 10 is a good start)")
+    p.add_argument("--method", choices=["default", "paper"], default="default",
+                   help="default: the library's settings (the model's recommended ones); paper: the paper's CNS "
+                        "(Eq. 7-8 only: no L_keep, no L_generic), other settings as the library's")
     p.add_argument("--lambda-generic", type=float,
                    help="beyond the paper: weight of L_generic, which holds the keys and values of generic prompts "
                         "(the library's calibration prompts): zero-shot ability and the prompt's other words")

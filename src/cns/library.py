@@ -287,8 +287,14 @@ class ConceptLibrary:
         revision: str | None = None,
         calibration_prompts: Sequence[str] | None = None,
     ) -> "ConceptLibrary":
-        """Start an empty library on base ``model`` (a diffusers folder or a hub id)."""
+        """Start an empty library on base ``model`` (a diffusers folder, a hub id, or the name of
+        a shipped model such as ``tiny-world``). The model's ``cns_settings.json``, when it has
+        one, gives the library its learning defaults and calibration prompts
+        (:mod:`cns.model_settings`); ``calibration_prompts`` given here win."""
+        from .model_settings import read_model_settings, resolve_model
+
         path = Path(path)
+        model = resolve_model(model)
         if (path / MANIFEST).exists():
             raise CNSError(f"{path} already holds a concept library")
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -296,7 +302,8 @@ class ConceptLibrary:
         pipe = load_base_pipeline(model, revision)
         local = Path(model).expanduser()
         reference = str(local.resolve()) if local.exists() else model
-        prompts = list(calibration_prompts) if calibration_prompts else default_calibration_prompts()
+        recommended = read_model_settings(model)
+        prompts = list(calibration_prompts or recommended.get("calibration_prompts") or default_calibration_prompts())
         embedding = pipe.text_encoder.get_input_embeddings().weight
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -312,6 +319,7 @@ class ConceptLibrary:
                 "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
             },
             "calibration_prompts": prompts,
+            "learn_defaults": recommended.get("learn", {}),
             "tasks": [],
         }
         path.mkdir(parents=True, exist_ok=True)
@@ -323,6 +331,12 @@ class ConceptLibrary:
     @property
     def base_model(self) -> dict:
         return self.manifest["base_model"]
+
+    def default_config(self) -> LearnConfig:
+        """The settings ``learn`` uses when given none: :class:`LearnConfig`'s defaults with the
+        base model's recommended ones over them (recorded when the library was made)."""
+        defaults = self.manifest.get("learn_defaults")
+        return LearnConfig.from_dict(defaults) if isinstance(defaults, dict) else LearnConfig()
 
     @property
     def tasks(self) -> list[dict]:
@@ -665,7 +679,7 @@ class ConceptLibrary:
         is left byte for byte as it was (a ``--checkpoint-every`` checkpoint aside, kept to
         resume). A damaged library is refused. Returns the new concepts' records.
         """
-        config = config or LearnConfig()
+        config = config or self.default_config()
         config.validate()
         if not specs:
             raise CNSError("nothing to learn: give at least one concept")

@@ -107,7 +107,6 @@ def protocol_from_args(args):
 
 def run_from_args(args) -> int:
     from ..errors import CNSError
-    from ..library import read_prompt_file
     from ..world.evaluator import EVALUATOR_PATH
     from ..world.pretrain import DEFAULT_MODEL_PATH
     from .metrics import ClipScorer
@@ -125,8 +124,9 @@ def run_from_args(args) -> int:
         scorer = ClipScorer.from_pretrained(str(evaluator), device=args.device)
     except (OSError, ValueError) as exc:
         raise CNSError(f"cannot load the CLIP evaluator {evaluator}: {str(exc).splitlines()[0]}") from None
-    calibration = Path(__file__).resolve().parent.parent / "world" / "calibration_prompts.txt"
-    prompts = read_prompt_file(calibration) if calibration.is_file() else None
+    from ..model_settings import read_model_settings
+
+    prompts = read_model_settings(str(model)).get("calibration_prompts")
     from dataclasses import replace
 
     from .aggregate import aggregate, write_interval_report

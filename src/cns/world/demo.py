@@ -32,7 +32,12 @@ DEMO_ENTRIES = ("library", "images", "concepts", "report.md", "overview.png", "r
 # the object is tiger-star: the shipped model learns the star's orange body and white centre, but of
 # berry-heart only its white rim (docs/world/quality.md, "The demo's object is tiger-star")
 DEFAULT_DEMO_CONCEPTS = ("tiger-star", "starry-night", "halftone", "pip-bird")
-CALIBRATION_FILE = Path(__file__).with_name("calibration_prompts.txt")
+def calibration_prompts() -> list[str]:
+    """The tiny world's K = 20 calibration prompts (Eq. 5), from its model's cns_settings.json."""
+    from ..model_settings import read_model_settings
+    from .pretrain import DEFAULT_MODEL_PATH
+
+    return read_model_settings(str(DEFAULT_MODEL_PATH))["calibration_prompts"]
 # what each kind of concept looks like in a prompt, and its class prompt for prior preservation
 _PROMPTS = {
     "object": ("a big {token} {word} in the center, on a gray background, flat style",
@@ -109,7 +114,7 @@ def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
 def _run_demo(settings: DemoSettings, out: Path, model: Path, started: float, progress: bool) -> dict:
     from ..evaluation.metrics import ClipScorer, ClipSettings, clip_i, clip_t, prepare_prompt
     from ..generate import image_grid
-    from ..library import ConceptLibrary, ConceptSpec, read_prompt_file
+    from ..library import ConceptLibrary, ConceptSpec
     from .concepts import get_concept, write_concept_folder
     from .evaluator import EVALUATOR_PATH
 
@@ -122,7 +127,7 @@ def _run_demo(settings: DemoSettings, out: Path, model: Path, started: float, pr
 
     concepts = [get_concept(name) for name in settings.concepts]
     folders = [write_concept_folder(c, out / "concepts" / c.name, seed=settings.seed) for c in concepts]
-    library = ConceptLibrary.create(out / "library", str(model), calibration_prompts=read_prompt_file(CALIBRATION_FILE))
+    library = ConceptLibrary.create(out / "library", str(model), calibration_prompts=calibration_prompts())
     # references at the model's resolution, so that generated and reference images are equally sharp
     size = library.base_model["resolution"]
     references = {c.name: scorer.image_embeddings(_images(folder, size)) for c, folder in zip(concepts, folders)} \
