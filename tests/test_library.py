@@ -221,8 +221,20 @@ def test_diffusion_target_follows_prediction_type(kind):
 
 @pytest.mark.parametrize("neurons", ["random", "all"])
 def test_ablation_neuron_sets(empty_library, concept_folders, neurons):
+    import warnings
+
+    from cns.library import EARLIER_DRIFT_WARNING
+
     empty_library.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(), progress=False)
-    records = empty_library.learn([ConceptSpec(concept_folders[1], "hat")], fast_config(neurons=neurons), progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = empty_library.learn([ConceptSpec(concept_folders[1], "hat")], fast_config(neurons=neurons),
+                                      progress=False)
+    moved = empty_library.task_record(empty_library.tasks[-1])["drift"]["earlier_tokens"]["total"]
+    warned = [str(w.message) for w in caught if "moved the keys and values of earlier" in str(w.message)]
+    assert bool(warned) == (moved > EARLIER_DRIFT_WARNING)  # the warning says when earlier tokens moved far, only then
+    if neurons == "all":
+        assert warned  # every K/V weight trained at lr 1e-2: the dog's keys and values move far
     masks = empty_library.concept_masks()
     selected = records[0]["selection"]["counts"]["concept"]
     if neurons == "all":
