@@ -318,3 +318,29 @@ def test_lambda_generic_holds_the_keys_and_values_of_generic_prompts(tmp_path, b
         assert library.task_record(library.tasks[-1])["concepts"][0]["neurons"] > 0
     assert change[0.0] > 0
     assert change[1e4] < 0.1 * change[0.0]
+
+
+@pytest.mark.parametrize("generic_padding", [True, False])
+def test_l_generic_anchors_are_the_calibration_prompts_with_or_without_padding(tmp_path, base_model, concept_folders,
+                                                                            generic_padding, monkeypatch):
+    import cns.training
+    from cns.model import pipeline_tokens
+
+    seen = {}
+    original = cns.training.train_task
+
+    def spy(*args, **kwargs):
+        seen["states"] = kwargs["generic_states"]
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cns.training, "train_task", spy)
+    prompts = ["a red car", "a photo of a blue house on the beach"]
+    library = ConceptLibrary.create(tmp_path / "lib", str(base_model), calibration_prompts=prompts)
+    library.learn([ConceptSpec(concept_folders[0], "dog")],
+                  fast_config(lambda_generic=1.0, generic_padding=generic_padding), progress=False)
+    pipe = library.load_pipeline(apply=False)
+    tokens = pipeline_tokens(pipe.tokenizer, prompts)
+    expected = tokens.input_ids.numel() if generic_padding else int(tokens.attention_mask.sum())
+    assert seen["states"].shape == (expected, pipe.text_encoder.config.hidden_size)
+    if not generic_padding:
+        assert expected < tokens.input_ids.numel()  # the prompts are padded: dropping the padding drops states

@@ -33,6 +33,7 @@ class LearnConfig:
     regularize: bool = True  # L_reg on (ablation: False)
     lambda_keep: float = 0.0  # (beyond the paper) weight of L_keep: holds earlier concepts' tokens' K/V; 0: off
     lambda_generic: float = 0.0  # (beyond the paper) weight of L_generic: holds generic prompts' K/V; 0: off
+    generic_padding: bool = True  # L_generic also holds the padding positions of the generic prompts
     train_embedding: bool = True
     prior_loss_weight: float = 1.0  # lambda of Eq. 8, as Custom Diffusion / DreamBooth
     num_class_images: int = 100  # (choice) Custom Diffusion uses 200

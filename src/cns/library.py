@@ -777,7 +777,11 @@ class ConceptLibrary:
                 keep_states = encode_token_states(pipe.tokenizer, pipe.text_encoder, [
                     (c["token"], q) for c in self.concepts for q in c.get("instance_prompts", [])])
 
-            generic_states = torch.cat(calibration) if config.lambda_generic > 0 else None
+            generic_states = None
+            if config.lambda_generic > 0:
+                generic_states = torch.cat(calibration if config.generic_padding != config.drop_padding else
+                                           encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts,
+                                                          drop_padding=not config.generic_padding))
 
             key = self._learn_key(prepared, ids, instance, prior, union, config)
             checkpoint = self.path / f"{CHECKPOINT_PREFIX}{key[:16]}"
