@@ -28,7 +28,8 @@ def _learn_config(args, defaults: LearnConfig | None = None) -> LearnConfig:
         setattr(config, field, value)
     for field in (
         "steps", "seed", "batch_size", "select_ratio", "select_rule", "lr_embedding", "lr_neurons",
-        "lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "prior_loss_weight", "num_class_images",
+        "lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "generic_padding", "prior_loss_weight",
+        "num_class_images",
         "class_image_steps",
         "resolution", "mixed_precision", "device", "neurons", "checkpoint_every", "attention_slicing",
     ):
@@ -255,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-generic", type=float,
                    help="beyond the paper: weight of L_generic, which holds the keys and values of generic prompts "
                         "(the library's calibration prompts): zero-shot ability and the prompt's other words")
+    p.add_argument("--generic-padding", action=argparse.BooleanOptionalAction, default=None,
+                   help="whether L_generic also holds the padding positions of the generic prompts (default: yes)")
     p.add_argument("--prior-loss-weight", type=float)
     p.add_argument("--num-class-images", type=int)
     p.add_argument("--class-image-steps", type=int)

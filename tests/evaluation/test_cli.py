@@ -67,7 +67,7 @@ def test_seeds_run_one_folder_each_and_report_every_figure_with_its_interval(tmp
     assert [json.loads((out / f"seed-{s}" / "protocol.json").read_text())["protocol"]["seed"] for s in (0, 1)] == [0, 1]
     aggregated = json.loads((out / "intervals.json").read_text())["aggregate"]
     assert aggregated["runs"] == 2 and aggregated["reference"] == "cns"
-    assert aggregated["labels"]["cns:lambda_generic=10"] == "CNS [lambda_generic=10]"
+    assert aggregated["labels"]["cns:lambda_generic=10"] == "CNS (cns's default) [lambda_generic=10]"
     for key in ("cns", "ti"):
         figure = aggregated["figures"][key]["single_clip_i"]
         # the mean of the runs' means: each seed's own summary, averaged

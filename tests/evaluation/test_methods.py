@@ -181,3 +181,26 @@ def test_every_method_trains_on_the_same_batches_noise_and_timesteps(tmp_path, b
     other_seed = _unet_inputs_while_learning(make_method(peer, tmp_path / "seed1", str(base_model),
                                                          micro_protocol(**settings, seed=1)), task)
     assert not all(torch.equal(a, b) for (a, _), (b, _) in zip(other_seed, cns_steps))
+
+
+def test_cns_takes_the_models_settings_beyond_the_paper_and_cns_paper_does_not(tmp_path, base_model, dummy_concepts):
+    import json
+    import shutil
+
+    from cns.errors import CNSError
+
+    model = tmp_path / "model"
+    shutil.copytree(base_model, model)
+    (model / "cns_settings.json").write_text(json.dumps({"learn": {"lambda_generic": 2.0, "steps": 99}}))
+    task = _tasks(dummy_concepts, tmp_path, 1)[0]
+    default = make_method("cns", tmp_path / "cns", str(model), micro_protocol(**PROTOCOL))
+    paper = make_method("cns-paper", tmp_path / "paper", str(model), micro_protocol(**PROTOCOL))
+    assert default.config().lambda_generic == 2.0 and paper.config().lambda_generic == 0.0
+    assert default.config().steps == paper.config().steps == PROTOCOL["steps"]  # the budget is the protocol's
+    assert default.label.endswith("[lambda_generic=2.0]") and paper.label == "CNS as in the paper"
+    default.learn(task)
+    assert default._library().task_record(default._library().tasks[0])["config"]["lambda_generic"] == 2.0
+    # the model's default changes: the folder's tasks are no longer this method's, and it says so
+    (model / "cns_settings.json").write_text(json.dumps({"learn": {"lambda_generic": 5.0}}))
+    with pytest.raises(CNSError, match="other settings \\(lambda_generic\\)"):
+        make_method("cns", tmp_path / "cns", str(model), micro_protocol(**PROTOCOL)).learned()

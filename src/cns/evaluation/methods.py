@@ -8,7 +8,10 @@ combining the concepts cost (seconds and extra bytes held while combining).
 
 Methods (``METHODS``):
 
-- ``cns``: Concept Neuron Selection with its defaults, through :class:`cns.ConceptLibrary`.
+- ``cns``: Concept Neuron Selection as ``cns learn`` runs it by default, through
+  :class:`cns.ConceptLibrary`: the paper's method with the model's recommended settings beyond
+  the paper (``BEYOND_PAPER``, from its ``cns_settings.json``).
+- ``cns-paper``: the paper's CNS (Eq. 7-8 only); the ablations below are of this one.
 - ``cns-random``: ablation, random neurons (same count per row, hence per layer, as CNS).
 - ``cns-noreg``: ablation, CNS without L_reg.
 - ``cns-keep``: CNS with L_keep (beyond the paper, ``LearnConfig.lambda_keep``), which holds the
@@ -255,12 +258,33 @@ class Method:
 # ---------------------------------------------------------------------------
 
 
+# Settings beyond the paper that a model's cns_settings.json may recommend: the ``cns`` method
+# (what `cns learn` does by default) takes them from the model, ``cns-paper`` and the paper's
+# ablations leave them off.
+BEYOND_PAPER = ("lambda_keep", "lambda_generic", "generic_padding")
+
+
 class CNSMethod(Method):
-    key, label = "cns", "CNS"
+    key, label = "cns", "CNS (cns's default)"
     neurons = "concept"
     regularize = True
     lambda_keep = 0.0
+    model_defaults = True  # take the model's recommended settings beyond the paper
     overrides: dict = {}  # LearnConfig settings of a variant (``cns:lambda_generic=100``)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.model_defaults and self.beyond_paper():
+            self.label = f"{self.label} [" + ", ".join(f"{k}={v}" for k, v in self.beyond_paper().items()) + "]"
+
+    def beyond_paper(self) -> dict:
+        """The model's recommended settings beyond the paper (none for ``cns-paper`` and the ablations)."""
+        if not self.model_defaults:
+            return {}
+        from ..model_settings import read_model_settings
+
+        learn = read_model_settings(self.model).get("learn", {})
+        return {k: learn[k] for k in BEYOND_PAPER if k in learn}
 
     @property
     def library_path(self) -> Path:
@@ -277,17 +301,30 @@ class CNSMethod(Method):
         from ..config import LearnConfig
 
         p = self.protocol
-        return LearnConfig(steps=p.steps, batch_size=p.batch_size, lr_neurons=p.lr_neurons,
-                           lr_embedding=p.lr_embedding, select_ratio=p.select_ratio,
-                           num_class_images=p.num_class_images,
-                           prior_loss_weight=p.prior_loss_weight, seed=p.seed, neurons=self.neurons,
-                           regularize=self.regularize, lambda_keep=self.lambda_keep, device=self.device,
-                           **self.overrides)
+        settings = dict(steps=p.steps, batch_size=p.batch_size, lr_neurons=p.lr_neurons,
+                        lr_embedding=p.lr_embedding, select_ratio=p.select_ratio, num_class_images=p.num_class_images,
+                        prior_loss_weight=p.prior_loss_weight, seed=p.seed, neurons=self.neurons,
+                        regularize=self.regularize, lambda_keep=self.lambda_keep, device=self.device)
+        return LearnConfig(**{**settings, **self.beyond_paper(), **self.overrides})
+
+    def _check_settings(self, library) -> None:
+        """A library made with other training settings (a changed model default, say) is refused:
+        its tasks would not be this method's."""
+        if not library.tasks:
+            return
+        from ..errors import CNSError
+
+        recorded = library.task_record(library.tasks[0])["config"]
+        wanted = {k: v for k, v in self.config().to_dict().items() if k not in ("device", "checkpoint_every")}
+        differ = sorted(k for k, v in wanted.items() if k in recorded and recorded[k] != v)
+        if differ:
+            raise CNSError(f"{self.root} was trained with other settings ({', '.join(differ)}); use a new --out folder")
 
     def learned(self) -> int:
         # the library commits a task atomically; a record may be missing after a crash in between
         n = super().learned()
         if (self.library_path / "library.json").is_file():
+            self._check_settings(self._library())
             tasks = self._library().tasks
             if len(tasks) > n:
                 for k in range(n, len(tasks)):
@@ -343,22 +380,27 @@ def apply_first_tasks(library, pipe, count: int) -> None:
     library.apply(pipe, library.tasks[:count])
 
 
-class RandomNeuronsMethod(CNSMethod):
+class PaperCNSMethod(CNSMethod):
+    key, label = "cns-paper", "CNS as in the paper"
+    model_defaults = False
+
+
+class RandomNeuronsMethod(PaperCNSMethod):
     key, label = "cns-random", "CNS, random neurons"
     neurons = "random"
 
 
-class NoRegMethod(CNSMethod):
+class NoRegMethod(PaperCNSMethod):
     key, label = "cns-noreg", "CNS, no L_reg"
     regularize = False
 
 
-class KeepMethod(CNSMethod):
+class KeepMethod(PaperCNSMethod):
     key, label = "cns-keep", "CNS + L_keep (beyond the paper)"
     lambda_keep = 10.0
 
 
-class AllKVMethod(CNSMethod):
+class AllKVMethod(PaperCNSMethod):
     key, label = "kv-all", "all K/V + token (Custom Diffusion, sequential)"
     neurons = "all"
     regularize = False
@@ -620,7 +662,7 @@ class MixOfShowMethod(_LoRAMethod):
 
 METHODS: dict[str, type[Method]] = {
     m.key: m
-    for m in (CNSMethod, RandomNeuronsMethod, NoRegMethod, KeepMethod, AllKVMethod, TextualInversionMethod, CLoRAMethod,
+    for m in (CNSMethod, PaperCNSMethod, RandomNeuronsMethod, NoRegMethod, KeepMethod, AllKVMethod, TextualInversionMethod, CLoRAMethod,
               OrthogonalMethod, MixOfShowMethod)
 }
 METHOD_LABELS = {k: m.label for k, m in METHODS.items()}
@@ -664,5 +706,6 @@ def make_method(key: str, root, model: str, protocol, device=None, calibration_p
     base, overrides = parse_variant(key)
     method = METHODS[base](root, model, protocol, device=device, calibration_prompts=calibration_prompts)
     if overrides:
-        method.key, method.label, method.overrides = key, method_label(key), overrides
+        method.key, method.overrides = key, overrides
+        method.label += " [" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "]"
     return method

@@ -36,7 +36,8 @@ from .protocol import EvalConcept, Protocol, multi_prompts, resolve_folder, sing
 
 __all__ = ["ZeroShotSet", "tiny_world_zero_shot", "run_evaluation", "summarize", "write_report", "DEFAULT_METHODS"]
 
-DEFAULT_METHODS = ("cns", "cns-random", "cns-noreg", "cns-keep", "kv-all", "ti", "c-lora", "ortho", "mix-of-show")
+DEFAULT_METHODS = ("cns", "cns-paper", "cns-random", "cns-noreg", "cns-keep", "kv-all", "ti", "c-lora", "ortho",
+                   "mix-of-show")
 ZERO_SHOT_IMAGES = 2  # images per zero-shot prompt
 
 
@@ -275,6 +276,7 @@ def run_evaluation(
     state.wait_for_everyone()
 
     results: dict = {"sets": [], "base": {}}
+    labels: dict[str, str] = {}
     zs_candidates = {}
     if zero_shot is not None:
         zs_candidates = {a: (list(labels), scorer.text_embeddings(list(prompts)))
@@ -353,6 +355,7 @@ def run_evaluation(
             method_dir = set_dir / method_folder(key)
             method = make_method(key, method_dir, model, protocol, device=device,
                                  calibration_prompts=calibration_prompts)
+            labels[key] = method.label
             eval_dir = method_dir / "eval"
             image_dir = method_dir / "images"
             last = len(tasks) - 1
@@ -416,7 +419,7 @@ def run_evaluation(
     results["settings"] = protocol.describe()
     results["model"] = str(model)
     results["methods"] = list(methods)
-    results["labels"] = {k: method_label(k) for k in methods}
+    results["labels"] = {k: labels.get(k) or method_label(k) for k in methods}
     results["summary"] = summarize(results)
     results["seconds"] = time.perf_counter() - started
     if state.is_main_process:
