@@ -26,7 +26,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from cns.config import LearnConfig  # noqa: E402
 from cns.library import default_calibration_prompts  # noqa: E402
@@ -36,16 +35,7 @@ from cns.selection import select_concept_neurons  # noqa: E402
 from cns.sparse import RowDeltaEmbedding  # noqa: E402
 from cns.testing import make_dummy_pipeline, make_sd15_architecture  # noqa: E402
 from cns.tokens import add_tokens  # noqa: E402
-from cns.training import (  # noqa: E402
-    Example,
-    _accelerator,
-    _encode_latents,
-    _token_ids,
-    _training_scheduler,
-    diffusion_target,
-    step_generator,
-    train_task,
-)
+from cns.training import DenoisingStream, Example, _accelerator, train_task  # noqa: E402
 
 PLAIN = "plain K/V + token"
 LORA = "LoRA r4 K/V + token"
@@ -69,18 +59,12 @@ def lora_train(pipe, token_ids, instance, prior, config: LearnConfig, rank: int 
 
     accelerator = _accelerator(config)
     device = torch.device(config.device) if config.device else accelerator.device
-    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
-    for module in (unet, text_encoder, vae):
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    for module in (unet, text_encoder, pipe.vae):
         module.requires_grad_(False)
         module.to(device)
     names = list(cross_attention_kv_layers(unet))
-    scheduler = _training_scheduler(pipe)
-    inst_mean, inst_std = _encode_latents(vae, torch.stack([e.pixels for e in instance]))
-    inst_ids = _token_ids(tokenizer, [e.prompt for e in instance])
-    prior_mean, prior_std = _encode_latents(vae, torch.stack([e.pixels for e in prior]))
-    with torch.no_grad():
-        prior_states = text_encoder(_token_ids(tokenizer, [e.prompt for e in prior]).to(device))[0].float().cpu()
-    scaling = vae.config.scaling_factor
+    stream = DenoisingStream(pipe, instance, prior, config.batch_size, config.seed, config.prior_loss_weight, device)
 
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=names,
                                        init_lora_weights=True, bias="none"), unet, adapter_name="bench")
@@ -93,23 +77,8 @@ def lora_train(pipe, token_ids, instance, prior, config: LearnConfig, rank: int 
             [{"params": lora_params, "lr": 1e-4}, {"params": [embedding.trainable_rows], "lr": config.lr_embedding}]))
         for step in range(config.steps):
             started = time.perf_counter()
-            generator = step_generator(config.seed, step)
-            n = config.batch_size
-            pick = torch.randint(len(instance), (n,), generator=generator)
-            latents = inst_mean[pick] + inst_std[pick] * torch.randn(inst_mean[pick].shape, generator=generator)
-            pick_prior = torch.randint(len(prior), (n,), generator=generator)
-            latents = torch.cat([latents, prior_mean[pick_prior] + prior_std[pick_prior] * torch.randn(
-                prior_mean[pick_prior].shape, generator=generator)]) * scaling
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = diffusion_target(scheduler, latents, noise, timesteps).to(device)
             with accelerator.autocast():
-                states = text_encoder(inst_ids[pick].to(device))[0]
-                states = torch.cat([states, prior_states[pick_prior].to(device, states.dtype)])
-                prediction = unet(noisy.to(device), timesteps.to(device), states).sample
-                loss = F.mse_loss(prediction[:n].float(), target[:n]) + config.prior_loss_weight * F.mse_loss(
-                    prediction[n:].float(), target[n:])
+                loss = stream.loss(unet, text_encoder, stream.batch(step), device)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
