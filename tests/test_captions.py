@@ -69,3 +69,51 @@ def test_transformers_captioner_from_a_local_folder(tmp_path):
 def test_transformers_captioner_unknown_model_is_a_clear_error(tmp_path):
     with pytest.raises(CNSError, match="cannot load captioning model"):
         TransformersCaptioner(str(tmp_path / "missing"))([Image.new("RGB", (8, 8))], "dog")
+
+
+def _folder_with_images(folder, count=2):
+    from cns.testing import write_dummy_images
+
+    return write_dummy_images(folder, count=count, seed=3, color=(200, 40, 40))
+
+
+@pytest.mark.parametrize("layout", ["captions.json", "sidecar .txt", "sidecar .caption"])
+def test_captions_beside_the_images_are_used_without_a_flag(tmp_path, base_model, layout):
+    from cns import ConceptLibrary, ConceptSpec
+    from cns.images import load_image_folder
+
+    from .conftest import fast_config
+
+    folder = _folder_with_images(tmp_path / "dog")
+    names = [im.path.name for im in load_image_folder(folder)]
+    texts = {n: f"a red dog number {k}" for k, n in enumerate(names)}
+    if layout == "captions.json":
+        (folder / "captions.json").write_text(json.dumps(texts))
+    else:
+        for n, t in texts.items():
+            (folder / (n.rsplit(".", 1)[0] + layout.split()[-1])).write_text(t + "\n")
+    library = ConceptLibrary.create(tmp_path / "lib", str(base_model))
+    record = library.learn([ConceptSpec(folder, "dog")], fast_config(steps=1), progress=False)[0]
+    assert record["caption_source"] == "folder"
+    assert record["captions"] == [texts[n] for n in names]
+    assert record["instance_prompts"] == [f"a red <new1> dog number {k}" for k in range(len(names))]
+
+
+def test_caption_files_beside_only_some_images_are_not_used(tmp_path, base_model):
+    from cns import ConceptLibrary, ConceptSpec
+    from cns.images import load_image_folder
+
+    from .conftest import fast_config
+
+    folder = _folder_with_images(tmp_path / "dog", count=3)
+    first = load_image_folder(folder)[0].path
+    (folder / (first.stem + ".txt")).write_text("a red dog")
+    library = ConceptLibrary.create(tmp_path / "lib", str(base_model))
+    with pytest.warns(UserWarning, match="caption files beside 1 of 3 images .* not used"):
+        record = library.learn([ConceptSpec(folder, "dog")], fast_config(steps=1), progress=False)[0]
+    assert record["caption_source"] == "template"
+    # a caption file given on the command line wins over what lies beside the images
+    (folder / "mine.json").write_text(json.dumps({p.name: "a big dog" for p in sorted(folder.glob("*.png"))}))
+    record = library.learn([ConceptSpec(folder, "dog", captions_file=folder / "mine.json")], fast_config(steps=1),
+                           progress=False)[0]
+    assert record["caption_source"] == "file" and record["captions"][0] == "a big dog"

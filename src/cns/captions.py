@@ -4,6 +4,7 @@ a user file, a template, or an image-to-text model."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -116,6 +117,33 @@ def read_caption_file(path: str | Path) -> dict[str, str]:
     return captions
 
 
+FOLDER_CAPTION_FILE = "captions.json"
+SIDECAR_SUFFIXES = (".txt", ".caption")
+
+
+def folder_caption_file(folder: str | Path, image_names: Sequence[str]) -> tuple[dict[str, str] | None, str]:
+    """Captions that sit beside the images, as trainers lay them out: ``captions.json`` in the
+    folder (``{"file name": "caption"}``, the tiny world's and cns's own layout), else one
+    kohya-style sidecar per image (``01.png`` -> ``01.txt`` or ``01.caption``). Returns
+    ``(table or None, where)``; sidecars for only some images are not used (a warning says so)."""
+    folder = Path(folder)
+    if (folder / FOLDER_CAPTION_FILE).is_file():
+        return read_caption_file(folder / FOLDER_CAPTION_FILE), str(folder / FOLDER_CAPTION_FILE)
+    table = {}
+    for name in image_names:
+        for suffix in SIDECAR_SUFFIXES:
+            sidecar = folder / (Path(name).stem + suffix)
+            if sidecar.is_file():
+                table[name] = read_text_file(sidecar, "caption file").strip()
+                break
+    if table and len(table) < len(image_names):
+        missing = [n for n in image_names if n not in table]
+        warnings.warn(f"caption files beside {len(table)} of {len(image_names)} images in {folder} (none for "
+                      f"{', '.join(missing[:3])}): they are not used; every image needs one")
+        return None, ""
+    return (table, f"{len(table)} caption files in {folder}") if table else (None, "")
+
+
 def captions_for_images(
     image_names: Sequence[str],
     class_word: str,
@@ -126,25 +154,30 @@ def captions_for_images(
     """One caption per image: from ``caption_file`` (matched by file name, with or without its
     extension), else from ``captioner``, else the default template."""
     if caption_file is not None:
-        table = read_caption_file(caption_file)
-        stems = {Path(k).stem: v for k, v in table.items()}
-        missing = [n for n in image_names if n not in table and Path(n).stem not in stems]
-        if missing:
-            raise CNSError(f"caption file has no caption for {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
-        known = set(image_names) | {Path(n).stem for n in image_names}
-        extra = [k for k in table if k not in known and Path(k).stem not in known]
-        if extra:
-            raise CNSError(f"caption file names images that are not in the folder: {', '.join(extra[:3])}")
-        captions = [table.get(n, stems.get(Path(n).stem, "")) for n in image_names]
-        empty = [n for n, c in zip(image_names, captions) if not c]
-        if empty:
-            raise CNSError(f"caption for {empty[0]} is empty")
-        return captions
+        return captions_from_table(read_caption_file(caption_file), image_names)
     if captioner is not None:
         if images is None:
             raise ValueError("a captioner needs the images")
         return list(captioner(images, class_word))
     return TemplateCaptioner()(list(image_names), class_word)
+
+
+def captions_from_table(table: dict[str, str], image_names: Sequence[str], where: str = "caption file") -> list[str]:
+    """One caption per image from a ``{file name: caption}`` table (names with or without their
+    extension); every image needs one, every entry names an image, none is empty."""
+    stems = {Path(k).stem: v for k, v in table.items()}
+    missing = [n for n in image_names if n not in table and Path(n).stem not in stems]
+    if missing:
+        raise CNSError(f"{where} has no caption for {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+    known = set(image_names) | {Path(n).stem for n in image_names}
+    extra = [k for k in table if k not in known and Path(k).stem not in known]
+    if extra:
+        raise CNSError(f"{where} names images that are not in the folder: {', '.join(extra[:3])}")
+    captions = [table.get(n, stems.get(Path(n).stem, "")) for n in image_names]
+    empty = [n for n, c in zip(image_names, captions) if not c]
+    if empty:
+        raise CNSError(f"{where}: the caption for {empty[0]} is empty")
+    return captions
 
 
 def insert_token(caption: str, token: str, class_word: str) -> str:

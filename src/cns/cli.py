@@ -81,7 +81,7 @@ def cmd_learn(args) -> int:
         print(f"learned {record['token']} ({record['class_word']}): {record['neurons']} concept neurons "
               f"({record['density']:.3%} of K/V; base {report['density']['base']:.2%}, "
               f"general {report['density']['general']:.2%}, overlap with earlier "
-              f"{report['overlap_share_of_concept']:.1%})")
+              f"{report['overlap_share_of_concept']:.1%}); captions: {record['caption_source']}")
     return 0
 
 

@@ -97,6 +97,11 @@ def _open_image(path: Path, data: bytes, cap: int) -> Image.Image:
         raise CNSError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
 
 
+# files an image folder may hold beside the images: captions (kohya's .txt / .caption sidecars,
+# captions.json), notes
+NOT_IMAGES = {".json", ".txt", ".caption", ".tsv", ".csv", ".md"}
+
+
 def load_image_folder(folder: str | Path, min_side: int | None = None) -> list[ConceptImage]:
     """Every image of ``folder`` (sorted by name), as RGB, with the SHA-256 of its file.
 
@@ -112,7 +117,7 @@ def load_image_folder(folder: str | Path, min_side: int | None = None) -> list[C
     if not folder.is_dir():
         raise CNSError(f"{folder} is not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    files = [p for p in files if p.suffix.lower() not in {".json", ".txt", ".tsv", ".csv", ".md"}]
+    files = [p for p in files if p.suffix.lower() not in NOT_IMAGES]
     if not files:
         raise CNSError(f"image folder {folder} holds no images")
     cap = _working_side(min_side)

@@ -46,7 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .captions import Captioner, captions_for_images, insert_token
+from .captions import Captioner, captions_for_images, captions_from_table, folder_caption_file, insert_token
 from .config import LearnConfig, resolve_device
 from .diagnostics import drift_by_route
 from .errors import CNSError
@@ -844,16 +844,23 @@ class ConceptLibrary:
             raise CNSError(f"class image folder {spec.class_data_dir} does not exist")
         images = load_image_folder(spec.images, min_side=resolution)
         names = [img.path.name for img in images]
-        captions = captions_for_images(
-            names, spec.class_word, spec.captions_file, captioner, [img.image for img in images]
-        )
+        source = "file" if spec.captions_file else "captioner" if captioner else "template"
+        table = None
+        if source == "template":  # captions beside the images, as trainers lay them out
+            table, where = folder_caption_file(spec.images, names)
+        if table is not None:
+            captions, source = captions_from_table(table, names, where), "folder"
+        else:
+            captions = captions_for_images(
+                names, spec.class_word, spec.captions_file, captioner, [img.image for img in images]
+            )
         return {
             "spec": spec,
             "token": spec.token,
             "class_word": spec.class_word.strip(),
             "images": images,
             "captions": captions,
-            "caption_source": "file" if spec.captions_file else "captioner" if captioner else "template",
+            "caption_source": source,
             "pixels": [image_tensor(img.image, resolution, flip=False) for img in images],
         }
 
