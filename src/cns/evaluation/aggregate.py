@@ -17,7 +17,7 @@ import numpy as np
 from .intervals import Interval, bootstrap_interval, paired_differences
 from .metrics import continual_or_nan
 
-__all__ = ["METRICS", "run_items", "aggregate", "write_interval_report"]
+__all__ = ["METRICS", "run_items", "aggregate", "promise_checks", "write_interval_report"]
 
 # key -> (label, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {
@@ -127,6 +127,54 @@ def _paired(a, b, seed: int) -> Interval | None:
     return bootstrap_interval(paired_differences(a, b), seed=seed)
 
 
+PEER_PREFIXES = ("cns", "kv-all")  # CNS, its variants and ablations: not peers
+
+
+def promise_checks(aggregated: dict, tolerance: float = 0.010) -> list[tuple[str, str, str]]:
+    """(claim, what was measured, kept?) for the reference method: F_T at most ``tolerance``;
+    zero-shot CLIP-T and attribute accuracy within ``tolerance`` of the base model (the paired
+    interval inside ±tolerance); single and multi CLIP-I ahead of every peer (the paired
+    interval above 0); single and multi CLIP-T within ``tolerance`` of the best peer."""
+    reference = aggregated.get("reference")
+    if not reference:
+        return []
+    figures, labels = aggregated["figures"], aggregated["labels"]
+    peers = [k for k in aggregated["methods"] if not k.startswith(PEER_PREFIXES)]
+    out = []
+    f_t = figures[reference].get("F_T")
+    if f_t:
+        out.append((f"F_T <= {tolerance:.3f}", _cell(f_t), _verdict(f_t["high"] <= tolerance, f_t["low"] > tolerance)))
+    for metric in ("zero_shot_clip_t", "zero_shot_attributes"):
+        d = aggregated["vs_base"][reference].get(metric)
+        if d:
+            out.append((f"{METRICS[metric][0]} within {tolerance:.3f} of the base model", _cell(d, True),
+                        _verdict(-tolerance <= d["low"] and d["high"] <= tolerance,
+                                 d["high"] < -tolerance or d["low"] > tolerance)))
+    for metric in ("single_clip_i", "multi_clip_i"):
+        for peer in peers:
+            d = aggregated["vs_reference"][peer].get(metric)
+            if d:  # peer minus reference: the reference is ahead when the whole interval is below 0
+                out.append((f"{METRICS[metric][0]} ahead of {labels[peer]}", _cell(_negated(d), True),
+                            _verdict(d["high"] < 0, d["low"] > 0)))
+    for metric in ("single_clip_t", "multi_clip_t"):
+        scored = [p for p in peers if metric in figures[p]]
+        if scored and metric in figures[reference]:
+            best = max(scored, key=lambda p: figures[p][metric]["mean"])
+            d = aggregated["vs_reference"][best].get(metric)
+            if d:
+                out.append((f"{METRICS[metric][0]} within {tolerance:.3f} of the best peer ({labels[best]})",
+                            _cell(_negated(d), True), _verdict(d["high"] <= tolerance, d["low"] > tolerance)))
+    return out
+
+
+def _negated(d: dict) -> dict:
+    return dict(d, mean=-d["mean"], low=-d["high"], high=-d["low"])
+
+
+def _verdict(kept: bool, missed: bool) -> str:
+    return "yes" if kept else "no" if missed else "not resolved"
+
+
 def _cell(figure: dict | None, signed: bool = False) -> str:
     if not figure:
         return "–"
@@ -141,8 +189,14 @@ def write_interval_report(aggregated: dict, title: str, settings: Sequence[str] 
     lines = [f"# {title}", ""]
     if command:
         lines += ["Made by", "", f"    {command}", ""]
-    lines += [f"{aggregated['runs']} continual runs (seeds x sets). Every figure: mean [95 % interval], a two-level "
+    lines += [f"Continual runs (seeds x sets): {aggregated['runs']}. Every figure: mean [95 % interval], a two-level "
               "bootstrap over runs and, within each run, its prompts (`cns.evaluation.intervals`).", ""]
+    checks = promise_checks(aggregated)
+    if checks:
+        lines += [f"## The promise, checked for {labels[aggregated['reference']]}", "",
+                  "| claim | measured | kept |", "|---|---|---|"]
+        lines += [f"| {claim} | {measured} | {kept} |" for claim, measured, kept in checks]
+        lines.append("")
     if settings:
         lines += ["## Settings", ""] + [f"- {s}" for s in settings] + [""]
     columns = ["single_clip_i", "single_clip_t", "multi_clip_i", "multi_clip_t", "F_T", "first_concept_change"]
