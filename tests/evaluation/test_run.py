@@ -116,3 +116,21 @@ def test_rerun_skips_finished_units(micro_run, base_model, tiny_scorer, dummy_co
     with pytest.raises(CNSError, match="other settings"):
         run_evaluation(micro_protocol(steps=4), str(base_model), tiny_scorer, out, methods=MICRO_METHODS,
                        concepts=dummy_concepts, zero_shot=dummy_zero_shot, progress=False)
+
+
+def test_a_long_run_scores_only_the_first_concept_until_the_last_task(tmp_path, base_model, tiny_scorer,
+                                                                      dummy_concepts, dummy_zero_shot):
+    from cns.evaluation.aggregate import aggregate
+
+    protocol = micro_protocol(score_after_each_task="first", steps=2)
+    results = run_evaluation(protocol, str(base_model), tiny_scorer, tmp_path / "eval", methods=("ti",),
+                             concepts=dummy_concepts, zero_shot=dummy_zero_shot, progress=False)
+    m = score_matrix(results["sets"][0]["methods"]["ti"])
+    scored = ~np.isnan(m)
+    assert scored[:, 0].all() and scored[-1].all()  # the first concept after every task; all after the last
+    assert not scored[1, 1] and not scored[:-1, 1:].any()
+    assert math.isnan(results["summary"]["ti"]["F_T_mean"])  # not measurable from this matrix
+    items = aggregate([results], reference=None)["figures"]["ti"]
+    assert items["first_concept_change"]["mean"] == pytest.approx(m[-1, 0] - m[0, 0])
+    assert "F_T" not in items
+    assert "scored after each task: the first concept" in "\n".join(results["settings"])
