@@ -344,3 +344,46 @@ def test_l_generic_anchors_are_the_calibration_prompts_with_or_without_padding(t
     assert seen["states"].shape == (expected, pipe.text_encoder.config.hidden_size)
     if not generic_padding:
         assert expected < tokens.input_ids.numel()  # the prompts are padded: dropping the padding drops states
+
+
+def test_class_word_states_put_the_class_word_where_the_token_stood(base_model):
+    from cns.library import load_base_pipeline
+    from cns.model import class_word_states, encode_prompts, pipeline_tokens
+    from cns.tokens import add_tokens
+
+    pipe = load_base_pipeline(str(base_model))
+    [token_id] = add_tokens(pipe.tokenizer, pipe.text_encoder, ["<new1>"])
+    states = class_word_states(pipe.tokenizer, pipe.text_encoder, ["a photo of a <new1> dog"], [token_id])
+    plain = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a photo of a dog"])[0]
+    position = int((pipeline_tokens(pipe.tokenizer, ["a photo of a <new1> dog"]).input_ids[0] == token_id)
+                   .nonzero()[0])
+    assert torch.allclose(states[0, position], plain[position], atol=1e-6)  # "dog" in the prompt without the token
+
+
+def test_lambda_lock_holds_the_new_tokens_keys_at_its_class_words(tmp_path, base_model, concept_folders):
+    """After training, the token's keys in its prompts are near what the base model gives its
+    class word there (L_lock), far nearer than without it."""
+    from cns.library import load_base_pipeline
+    from cns.model import class_word_states, cross_attention_kv_layers, pipeline_tokens
+    from cns.tokens import add_tokens
+
+    base = load_base_pipeline(str(base_model))
+    [base_id] = add_tokens(base.tokenizer, base.text_encoder, ["<new1>"])
+    base_keys = {n: layer for n, layer in cross_attention_kv_layers(base.unet).items() if n.endswith("to_k")}
+    gap = {}
+    for lambda_lock in (0.0, 1e3):
+        library = ConceptLibrary.create(tmp_path / f"lib{lambda_lock}", str(base_model))
+        library.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(lambda_lock=lambda_lock, steps=20),
+                      progress=False)
+        assert library.task_record(library.tasks[0])["config"]["lambda_lock"] == lambda_lock
+        pipe = library.load_pipeline()
+        prompts = library.concepts[0]["instance_prompts"]
+        ids = pipeline_tokens(pipe.tokenizer, prompts).input_ids
+        where = ids == pipe.tokenizer.convert_tokens_to_ids("<new1>")
+        with torch.no_grad():
+            token_states = pipe.text_encoder(ids)[0][where]
+            class_states = class_word_states(base.tokenizer, base.text_encoder, prompts, [base_id])[where]
+            keys = {n: layer for n, layer in cross_attention_kv_layers(pipe.unet).items() if n.endswith("to_k")}
+            gap[lambda_lock] = sum(float((keys[n](token_states) - base_keys[n](class_states)).pow(2).sum())
+                                   for n in keys) / sum(float(base_keys[n](class_states).pow(2).sum()) for n in keys)
+    assert gap[1e3] < 0.5 * gap[0.0]

@@ -114,3 +114,24 @@ def test_normalized_anchors_count_every_position_alike():
     assert torch.isclose(relative_output_drift([delta], basis, [output_energy(weight, basis)]), torch.tensor(2.5))
     # unnormalised, the long anchor dominates: (100 * 1 + 1 * 4) / 2 = 52
     assert torch.isclose(output_energy(delta, anchor_basis(anchors, center=False)), torch.tensor(52.0))
+
+
+# --- L_lock (beyond the paper): a new token's keys held at its class word's ---
+
+from cns.regularizer import key_lock  # noqa: E402
+
+
+def test_key_lock_by_hand():
+    token = torch.tensor([[1.0, 0.0]])
+    cls = torch.tensor([[0.0, 1.0]])
+    w = torch.tensor([[1.0, 2.0]])  # target key of the class word: 2; the token's key: 1
+    assert torch.isclose(key_lock(token, cls, [w], [w]), torch.tensor((1 - 2) ** 2 / 2 ** 2))
+    # two layers: the mean; a layer where the token already has the class word's key adds 0
+    same = torch.tensor([[3.0, 3.0]])
+    assert torch.isclose(key_lock(token, cls, [w, same], [w, same]), torch.tensor(0.25 / 2))
+    # the gradient reaches both the weight and the token's state
+    state = token.clone().requires_grad_(True)
+    weight = w.clone().requires_grad_(True)
+    key_lock(state, cls, [weight], [w]).backward()
+    assert state.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+    assert key_lock(torch.zeros(0, 2), torch.zeros(0, 2), [w], [w]).item() == 0.0

@@ -9,8 +9,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["cross_attention_kv_layers", "encode_prompts", "encode_token_states", "kv_fingerprint", "layer_shapes",
-           "pipeline_tokens"]
+__all__ = ["cross_attention_kv_layers", "class_word_states", "encode_prompts", "encode_token_states", "kv_fingerprint",
+           "layer_shapes", "pipeline_tokens"]
 
 
 def cross_attention_kv_layers(unet: nn.Module) -> dict[str, nn.Linear]:
@@ -82,6 +82,23 @@ def encode_token_states(tokenizer, text_encoder, token_prompts: Sequence[tuple[s
     tokens, hidden = _encode(tokenizer, text_encoder, prompts)
     token_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(token_names))).unsqueeze(1)
     return hidden[tokens.input_ids == token_ids]
+
+
+@torch.no_grad()
+def class_word_states(tokenizer, text_encoder, prompts: Sequence[str], token_ids: Sequence[int]) -> torch.Tensor:
+    """``(n, tokens, width)``: for each prompt, the text states it would have with the added
+    tokens ``token_ids`` taken out, aligned so that a token's position holds what stands there
+    then (its class word, when the token was put before it, as cns's training prompts do).
+    Prompts are tokenized as the pipeline does; what key locking holds a token's keys to."""
+    tokens = pipeline_tokens(tokenizer, prompts).input_ids
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    drop = torch.isin(tokens, torch.tensor(list(token_ids), dtype=tokens.dtype))
+    rows = []
+    for ids, gone in zip(tokens, drop):
+        kept = ids[~gone]
+        rows.append(torch.cat([kept, torch.full((int(gone.sum()),), pad, dtype=ids.dtype)]))
+    device = next(text_encoder.parameters()).device
+    return text_encoder(torch.stack(rows).to(device))[0].float().cpu()
 
 
 def kv_fingerprint(unet: nn.Module, token_embedding: torch.Tensor, vocab_size: int) -> str:

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["neuron_regularizer", "anchor_basis", "output_energy", "relative_output_drift"]
+__all__ = ["neuron_regularizer", "anchor_basis", "output_energy", "relative_output_drift", "key_lock"]
 
 
 def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -111,3 +111,31 @@ def relative_output_drift(
         return basis.new_zeros(())
     terms = [output_energy(d, basis) / e.clamp_min(1e-12) for d, e in zip(deltas, energies)]
     return torch.stack(terms).mean()
+
+
+def key_lock(
+    token_states: torch.Tensor,
+    class_states: torch.Tensor,
+    key_weights: Sequence[torch.Tensor],
+    target_weights: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """L_lock (beyond the paper, after Perfusion's key locking): the mean over cross-attention
+    key layers of ``||S_t W_l^T - S_c W*_l^T||^2 / ||S_c W*_l^T||^2``.
+
+    ``token_states``: ``(N, width)`` text states at the new tokens' positions in their prompts
+    (they move as the token's embedding trains); ``class_states``: ``(N, width)`` the states at
+    the same positions with the tokens taken out (the class word);
+    ``key_weights``: per key layer its current weight; ``target_weights``: its weight on entry.
+    Zero when every token occurrence produces the keys its class word produced: the concept
+    is attended to where its class word would be, and only its values carry what it looks like.
+    """
+    if len(key_weights) != len(target_weights):
+        raise ValueError("key_weights and target_weights need one tensor per layer each")
+    if not key_weights or token_states.numel() == 0:
+        return token_states.new_zeros(())
+    terms = []
+    for weight, target in zip(key_weights, target_weights):
+        wanted = class_states @ target.float().T
+        terms.append((token_states @ weight.float().T - wanted).pow(2).sum() / wanted.pow(2).sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+

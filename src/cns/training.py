@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .config import LearnConfig
 from .errors import CNSError
 from .model import cross_attention_kv_layers, pipeline_tokens
-from .regularizer import anchor_basis, neuron_regularizer, output_energy, relative_output_drift
+from .regularizer import anchor_basis, key_lock, neuron_regularizer, output_energy, relative_output_drift
 from .sparse import RowDeltaEmbedding, masked_update
 
 __all__ = ["Example", "TrainResult", "TrainingState", "TrainingDivergedError", "train_task", "diffusion_target", "sparse_trainables",
@@ -169,6 +169,7 @@ class DenoisingBatch:
     target: torch.Tensor
     instance_ids: torch.Tensor  # encoded every step: the new tokens' rows train
     prior_states: torch.Tensor | None  # frozen text states of the prior prompts
+    instance_index: torch.Tensor  # which instance examples the batch holds
 
 
 class DenoisingStream:
@@ -214,12 +215,14 @@ class DenoisingStream:
         timesteps = torch.randint(self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
         return DenoisingBatch(noisy=self.scheduler.add_noise(latents, noise, timesteps), timesteps=timesteps,
                               target=diffusion_target(self.scheduler, latents, noise, timesteps),
-                              instance_ids=self.instance_ids[pick], prior_states=prior_states)
+                              instance_ids=self.instance_ids[pick], prior_states=prior_states, instance_index=pick)
 
-    def loss(self, unet, text_encoder, batch: DenoisingBatch, device) -> torch.Tensor:
+    def loss(self, unet, text_encoder, batch: DenoisingBatch, device,
+             instance_states: torch.Tensor | None = None) -> torch.Tensor:
         """Eq. 8 without L_reg: the instance images' denoising error plus ``prior_loss_weight``
-        times the prior images'."""
-        states = text_encoder(batch.instance_ids.to(device))[0]
+        times the prior images'. ``instance_states``: the instance prompts' text states, when
+        the caller has encoded them already."""
+        states = text_encoder(batch.instance_ids.to(device))[0] if instance_states is None else instance_states
         if batch.prior_states is not None:
             states = torch.cat([states, batch.prior_states.to(device, states.dtype)])
         prediction = unet(batch.noisy.to(device), batch.timesteps.to(device), states).sample
@@ -284,6 +287,14 @@ def train_task(
         anchors.append((config.lambda_generic, anchor_basis(generic_states.float().cpu(), center=False,
                                                              normalize=True)))
     previous = {name: layers[name].weight.detach().clone() for name in masks} if (reg_masks or anchors) else {}
+    lock = None  # (token positions per instance prompt, class-word states, key layer names, their entry weights)
+    if config.lambda_lock > 0 and token_ids:
+        from .model import class_word_states
+
+        positions = torch.isin(stream.instance_ids, torch.tensor(list(token_ids), dtype=stream.instance_ids.dtype))
+        key_names = [n for n in layers if n.endswith("to_k")]
+        lock = (positions, class_word_states(pipe.tokenizer, text_encoder, [e.prompt for e in instance], token_ids),
+                key_names, {n: layers[n].weight.detach().clone().to(device) for n in key_names})
     output_terms = [(weight, basis.to(device), {name: output_energy(previous[name], basis.to(device))
                                                 for name in masks}) for weight, basis in anchors]
     losses: list[float] = []
@@ -312,13 +323,15 @@ def train_task(
                 first_step = resume.step
                 losses.extend(resume.losses[:first_step])
 
+            plain_layers = {n: unet.get_submodule(n) for n in (lock[2] if lock else []) if n not in wrapped}
             bar = tqdm(range(first_step, config.steps), desc="cns learn", disable=not progress, dynamic_ncols=True,
                        initial=first_step, total=config.steps)
             for step in bar:
                 step_started = time.perf_counter()
                 batch = stream.batch(step)
                 with accelerator.autocast():
-                    loss = stream.loss(unet, text_encoder, batch, device)
+                    states = text_encoder(batch.instance_ids.to(device))[0]
+                    loss = stream.loss(unet, text_encoder, batch, device, instance_states=states)
                     if reg_terms:
                         current = [wrapped[name].current_values()[sel] for name, sel, _, _ in reg_terms]
                         loss = loss + neuron_regularizer(
@@ -334,6 +347,14 @@ def train_task(
                     deltas = [wrapped[n].effective_weight().float() - previous[n].float() for n in names]
                     for weight, basis, energies in output_terms:
                         loss = loss + weight * relative_output_drift(deltas, basis, [energies[n] for n in names])
+                if lock is not None:  # outside autocast, as the output terms
+                    positions, class_states, key_names, entry = lock
+                    where = positions[batch.instance_index]
+                    weights = [wrapped[n].effective_weight() if n in wrapped else plain_layers[n].weight
+                               for n in key_names]
+                    loss = loss + config.lambda_lock * key_lock(
+                        states.float()[where.to(states.device)], class_states[batch.instance_index][where].to(device),
+                        weights, [entry[n] for n in key_names])
                 value = float(loss.detach())
                 if not math.isfinite(value):  # checked before the step: non-finite values never reach the weights
                     raise TrainingDivergedError(_diverged(f"the loss is {value}", step + 1, config))
