@@ -28,7 +28,8 @@ def _learn_config(args, defaults: LearnConfig | None = None) -> LearnConfig:
         setattr(config, field, value)
     for field in (
         "steps", "seed", "batch_size", "select_ratio", "select_rule", "lr_embedding", "lr_neurons",
-        "lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "generic_padding", "prior_loss_weight",
+        "lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "lambda_lock", "generic_padding",
+        "prior_loss_weight",
         "num_class_images",
         "class_image_steps",
         "resolution", "mixed_precision", "device", "neurons", "checkpoint_every", "attention_slicing",
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-generic", type=float,
                    help="beyond the paper: weight of L_generic, which holds the keys and values of generic prompts "
                         "(the library's calibration prompts): zero-shot ability and the prompt's other words")
+    p.add_argument("--lambda-lock", type=float,
+                   help="beyond the paper (after Perfusion): weight of L_lock, which holds a new token's keys at its "
+                        "class word's so that only its values carry the concept (0, the default: off)")
     p.add_argument("--generic-padding", action=argparse.BooleanOptionalAction, default=None,
                    help="whether L_generic also holds the padding positions of the generic prompts (default: yes)")
     p.add_argument("--prior-loss-weight", type=float)
