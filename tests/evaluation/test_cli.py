@@ -38,6 +38,12 @@ def test_register_adds_evaluate_with_every_setting():
     paper = protocol_from_args(parser.parse_args(["evaluate", "--preset", "paper"]))
     assert paper.images_per_prompt == 50 and paper.multi_prompts_per_set == 7 and len(paper.sets) == 3
     assert all(len(s) * paper.single_prompts_per_concept == 35 for s in paper.sets)
+    standard = protocol_from_args(parser.parse_args(["evaluate", "--preset", "standard"]))
+    assert len(standard.sets) == 3 and standard.zero_shot_prompts >= 48 and standard.multi_prompts_per_set >= 6
+    long = protocol_from_args(parser.parse_args(["evaluate", "--preset", "long"]))
+    from cns.world.concepts import CONCEPTS
+
+    assert sorted(long.sets[0]) == sorted(c.name for c in CONCEPTS) and long.score_after_each_task == "first"
 
 
 def test_cli_runs_the_tiny_world_protocol_on_the_dummy_model(tmp_path, world_words_model, tiny_clip_path, capsys):
