@@ -274,8 +274,13 @@ class CNSMethod(Method):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.model_defaults and self.beyond_paper():
-            self.label = f"{self.label} [" + ", ".join(f"{k}={v}" for k, v in self.beyond_paper().items()) + "]"
+        self._name_settings()
+
+    def _name_settings(self) -> None:
+        """The label names the settings beyond the class's own: the model's, then a variant's."""
+        settings = {**self.beyond_paper(), **self.overrides}
+        if settings:
+            self.label = f"{type(self).label} [" + ", ".join(f"{k}={v}" for k, v in settings.items()) + "]"
 
     def beyond_paper(self) -> dict:
         """The model's recommended settings beyond the paper (none for ``cns-paper`` and the ablations)."""
@@ -707,5 +712,6 @@ def make_method(key: str, root, model: str, protocol, device=None, calibration_p
     method = METHODS[base](root, model, protocol, device=device, calibration_prompts=calibration_prompts)
     if overrides:
         method.key, method.overrides = key, overrides
-        method.label += " [" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "]"
+        if isinstance(method, CNSMethod):
+            method._name_settings()
     return method
