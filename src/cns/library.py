@@ -772,10 +772,11 @@ class ConceptLibrary:
             earlier_union = {n: or_masks((m[n] for m in earlier), like=union[n]) for n in union}
             reg_masks = {n: regularization_mask(union[n], [earlier_union[n]]) for n in union}
 
-            keep_states = None
-            if config.lambda_keep > 0 and self.concepts:
-                keep_states = encode_token_states(pipe.tokenizer, pipe.text_encoder, [
-                    (c["token"], q) for c in self.concepts for q in c.get("instance_prompts", [])])
+            # earlier concepts' tokens in their prompts: L_keep's anchors and the drift report's
+            # (this task trains only its own tokens' rows: these states stay as they are)
+            pairs = [(c["token"], q) for c in self.concepts for q in c.get("instance_prompts", [])]
+            earlier_states = encode_token_states(pipe.tokenizer, pipe.text_encoder, pairs) if pairs else None
+            keep_states = earlier_states if config.lambda_keep > 0 else None
 
             generic_states = None
             if config.lambda_generic > 0:
@@ -801,7 +802,7 @@ class ConceptLibrary:
             )
             embeddings = {p["token"]: result.embeddings[int(i)] for p, i in zip(prepared, ids)}
             records = [self._concept_record(p, config) for p in prepared]
-            drift = self._drift(pipe, kv_before, torch.cat(calibration), earlier_union)
+            drift = self._drift(pipe, kv_before, torch.cat(calibration), earlier_states, earlier_union)
             self._commit_task(staging, records, prepared, union, embeddings, result, config, drift)
         except TrainingDivergedError:
             if checkpoint is not None and _is_checkpoint(checkpoint):
@@ -977,7 +978,9 @@ class ConceptLibrary:
             "selection": p["selection"],
         }
 
-    def _drift(self, pipe, kv_before: dict, generic_states: torch.Tensor, earlier_union: dict) -> dict:
+    @staticmethod
+    def _drift(pipe, kv_before: dict, generic_states: torch.Tensor, earlier_states: torch.Tensor | None,
+               earlier_union: dict) -> dict:
         """How far the task just trained moved the keys and values of the calibration prompts
         (``generic``) and of earlier concepts' tokens in their prompts (``earlier_tokens``),
         split into the route through elements earlier concepts trained (``overlap``) and the
@@ -985,16 +988,13 @@ class ConceptLibrary:
         layers = cross_attention_kv_layers(pipe.unet)
         after = {n: layers[n].weight.detach() for n in kv_before}
         drift = {"generic": drift_by_route(kv_before, after, generic_states, earlier_union)}
-        pairs = [(c["token"], q) for c in self.concepts for q in c.get("instance_prompts", [])]
-        if pairs:
-            states = encode_token_states(pipe.tokenizer, pipe.text_encoder, pairs)
-            if states.numel():
-                drift["earlier_tokens"] = drift_by_route(kv_before, after, states, earlier_union)
-                drift["earlier_tokens"].pop("layers", None)
-                moved = drift["earlier_tokens"]["total"]
-                if moved > EARLIER_DRIFT_WARNING:
-                    warnings.warn(f"this task moved the keys and values of earlier concepts' tokens by {moved:.1%} "
-                                  "(relative): they may be drawn differently now; --lambda-keep holds them")
+        if earlier_states is not None and earlier_states.numel():
+            drift["earlier_tokens"] = drift_by_route(kv_before, after, earlier_states, earlier_union)
+            drift["earlier_tokens"].pop("layers", None)
+            moved = drift["earlier_tokens"]["total"]
+            if moved > EARLIER_DRIFT_WARNING:
+                warnings.warn(f"this task moved the keys and values of earlier concepts' tokens by {moved:.1%} "
+                              "(relative): they may be drawn differently now; --lambda-keep holds them")
         return drift
 
     def _commit_task(self, staging: Path, records, prepared, union, embeddings, result, config, drift=None) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from .intervals import Interval, bootstrap_interval, paired_differences
 from .metrics import continual_or_nan
+from .run import score_matrix
 
 __all__ = ["METRICS", "run_items", "aggregate", "promise_checks", "write_interval_report"]
 
@@ -34,11 +35,6 @@ METRICS: dict[str, tuple[str, bool]] = {
 }
 
 
-def _matrix(method_result: dict) -> np.ndarray:
-    return np.array([[np.nan if x is None else x for x in row] for row in method_result["matrices"]["clip_i_mean"]],
-                    dtype=float)
-
-
 def run_items(method_result: dict) -> dict[str, list[float | None]]:
     """The items of one method in one run, per metric (empty where the run lacks them)."""
     items: dict[str, list[float | None]] = {}
@@ -48,7 +44,7 @@ def run_items(method_result: dict) -> dict[str, list[float | None]]:
     multi = (method_result.get("multi") or {}).get("prompts") or []
     items["multi_clip_i"] = [r["clip_i"]["mean"] for r in multi]
     items["multi_clip_t"] = [r["clip_t"]["mean"] for r in multi]
-    matrix = _matrix(method_result)
+    matrix = score_matrix(method_result)
     summary = continual_or_nan(matrix)
     items["A_T"], items["F_T"] = [summary["average"]], [summary["forgetting"]]
     items["first_concept_change"] = [float(matrix[-1, 0] - matrix[0, 0])]
@@ -89,7 +85,7 @@ def aggregate(runs: Sequence[dict], reference: str | None = "cns", seed: int = 0
                 method_result = set_result["methods"][key]
                 for metric, values in run_items(method_result).items():
                     clusters.setdefault(key, {}).setdefault(metric, []).append(values)
-                curves.setdefault(key, []).append(_matrix(method_result)[:, 0])
+                curves.setdefault(key, []).append(score_matrix(method_result)[:, 0])
     out: dict = {"methods": methods, "labels": {k: labels.get(k, k) for k in methods}, "reference": None,
                  "runs": sum(len(r["sets"]) for r in runs), "figures": {}, "vs_reference": {}, "vs_base": {},
                  "base": {}, "first_concept_curve": {}}

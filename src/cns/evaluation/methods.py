@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from ..model import cross_attention_kv_layers
 from ..training import Example
 
-__all__ = ["ConceptTask", "Method", "METHODS", "METHOD_LABELS", "make_method", "method_label", "parse_variant",
+__all__ = ["ConceptTask", "Method", "METHODS", "METHOD_LABELS", "make_method", "parse_variant",
            "orthogonal_basis", "train_generic"]
 
 
@@ -274,22 +274,20 @@ class CNSMethod(Method):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # the model's recommended settings beyond the paper (none for cns-paper and the ablations)
+        self.beyond_paper = {}
+        if self.model_defaults:
+            from ..model_settings import read_model_settings
+
+            learn = read_model_settings(self.model).get("learn", {})
+            self.beyond_paper = {k: learn[k] for k in BEYOND_PAPER if k in learn}
         self._name_settings()
 
     def _name_settings(self) -> None:
         """The label names the settings beyond the class's own: the model's, then a variant's."""
-        settings = {**self.beyond_paper(), **self.overrides}
+        settings = {**self.beyond_paper, **self.overrides}
         if settings:
             self.label = f"{type(self).label} [" + ", ".join(f"{k}={v}" for k, v in settings.items()) + "]"
-
-    def beyond_paper(self) -> dict:
-        """The model's recommended settings beyond the paper (none for ``cns-paper`` and the ablations)."""
-        if not self.model_defaults:
-            return {}
-        from ..model_settings import read_model_settings
-
-        learn = read_model_settings(self.model).get("learn", {})
-        return {k: learn[k] for k in BEYOND_PAPER if k in learn}
 
     @property
     def library_path(self) -> Path:
@@ -310,7 +308,7 @@ class CNSMethod(Method):
                         lr_embedding=p.lr_embedding, select_ratio=p.select_ratio, num_class_images=p.num_class_images,
                         prior_loss_weight=p.prior_loss_weight, seed=p.seed, neurons=self.neurons,
                         regularize=self.regularize, lambda_keep=self.lambda_keep, device=self.device)
-        return LearnConfig(**{**settings, **self.beyond_paper(), **self.overrides})
+        return LearnConfig(**{**settings, **self.beyond_paper, **self.overrides})
 
     def _check_settings(self, library) -> None:
         """A library made with other training settings (a changed model default, say) is refused:
@@ -329,8 +327,9 @@ class CNSMethod(Method):
         # the library commits a task atomically; a record may be missing after a crash in between
         n = super().learned()
         if (self.library_path / "library.json").is_file():
-            self._check_settings(self._library())
-            tasks = self._library().tasks
+            library = self._library()
+            self._check_settings(library)
+            tasks = library.tasks
             if len(tasks) > n:
                 for k in range(n, len(tasks)):
                     _write_json(self._record_path(k), self._library_record(k))
@@ -697,14 +696,6 @@ def parse_variant(key: str) -> tuple[str, dict]:
                 value = text
             overrides[name.strip()] = value
     return base, overrides
-
-
-def method_label(key: str) -> str:
-    base, overrides = parse_variant(key)
-    label = METHODS[base].label
-    if overrides:
-        label += " [" + ", ".join(f"{k}={v}" for k, v in overrides.items()) + "]"
-    return label
 
 
 def make_method(key: str, root, model: str, protocol, device=None, calibration_prompts=None) -> Method:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import CNSError
-from .methods import ConceptTask, make_method, method_label, parse_variant
+from .methods import ConceptTask, make_method, parse_variant
 from .metrics import ClipScorer, continual_or_nan, cosine_matrix, prepare_prompt
 from .protocol import EvalConcept, Protocol, multi_prompts, resolve_folder, single_prompts
 
@@ -419,7 +419,7 @@ def run_evaluation(
     results["settings"] = protocol.describe()
     results["model"] = str(model)
     results["methods"] = list(methods)
-    results["labels"] = {k: labels.get(k) or method_label(k) for k in methods}
+    results["labels"] = {k: labels.get(k, k) for k in methods}
     results["summary"] = summarize(results)
     results["seconds"] = time.perf_counter() - started
     if state.is_main_process:
