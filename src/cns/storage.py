@@ -34,13 +34,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON beside ``path``, flush it to disk, then switch it in with one rename."""
+def write_json_atomic(path: Path, data, default=None) -> None:
+    """Write JSON beside ``path``, flush it to disk, then switch it in with one rename.
+
+    The temporary file carries the process id, so processes writing the same file never
+    share one; ``default`` converts objects json cannot (as in ``json.dump``)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
+            json.dump(data, f, indent=2, sort_keys=False, default=default)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())

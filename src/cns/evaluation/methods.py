@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..model import cross_attention_kv_layers
+from ..storage import write_json_atomic
 from ..training import Example
 
 __all__ = ["ConceptTask", "Method", "METHODS", "METHOD_LABELS", "make_method", "parse_variant",
@@ -193,12 +194,6 @@ def _payload_bytes(tensors: dict) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 # ---------------------------------------------------------------------------
 # The interface
 # ---------------------------------------------------------------------------
@@ -241,7 +236,7 @@ class Method:
             raise ValueError(f"{self.key}: task {task.index + 1} is not the next one ({self.learned() + 1})")
         record = self._learn(task)
         record.update({"task": task.index + 1, "concept": task.name, "token": task.token})
-        _write_json(self._record_path(task.index), record)
+        write_json_atomic(self._record_path(task.index), record)
         return record
 
     def _learn(self, task: ConceptTask) -> dict:
@@ -332,7 +327,7 @@ class CNSMethod(Method):
             tasks = library.tasks
             if len(tasks) > n:
                 for k in range(n, len(tasks)):
-                    _write_json(self._record_path(k), self._library_record(k))
+                    write_json_atomic(self._record_path(k), self._library_record(k))
                 n = len(tasks)
         return n
 

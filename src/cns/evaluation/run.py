@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import CNSError
+from ..storage import write_json_atomic
 from .methods import ConceptTask, make_method, parse_variant
 from .metrics import ClipScorer, continual_or_nan, cosine_matrix, prepare_prompt
 from .protocol import EvalConcept, Protocol, multi_prompts, resolve_folder, single_prompts
@@ -86,9 +87,7 @@ def _gather(items: list) -> list:
 
 def _write_json(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    tmp.replace(path)
+    write_json_atomic(path, data, default=_json_default)
 
 
 def _json_default(o):
