@@ -100,6 +100,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def folder_fingerprint(folder: Path, suffixes: tuple[str, ...] = (".json", ".safetensors", ".bin", ".txt")) -> str:
+    """sha256 over the relative names and contents of a folder's files with these suffixes: the
+    same model wherever it is installed, another one when any weight or config differs."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + file_sha256(path).encode())
+    return digest.hexdigest()
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file of ``folder`` and the folder itself to disk."""
     for path in Path(folder).rglob("*"):

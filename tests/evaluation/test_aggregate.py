@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from cns.evaluation.aggregate import promise_checks, write_interval_report
+import numpy as np
+import pytest
+
+from cns.evaluation.aggregate import aggregate, promise_checks, write_interval_report
+from cns.evaluation.intervals import bootstrap_interval, paired_differences
 
 
 def _f(mean, low, high):
@@ -40,3 +44,33 @@ def test_each_claim_is_kept_missed_or_not_resolved_by_its_interval():
     assert checks["single CLIP-T within 0.010 of the best peer (C-LoRA)"] == ("-0.020 [-0.025, -0.015]", "no")
     report = write_interval_report(dict(aggregated, first_concept_curve={}, base={}), "t")
     assert "## The promise, checked for CNS" in report and "| F_T <= 0.010 | 0.004 [0.001, 0.008] | yes |" in report
+
+
+def _method_result(single_clip_i):
+    """One method's result in one run: a 1-task score matrix and its single-concept items."""
+    return {"matrices": {"clip_i_mean": [[float(np.mean(single_clip_i))]]},
+            "single_items": [{"concept": 0, "prompt": f"p{k}", "clip_i": x, "clip_t": 0.2}
+                             for k, x in enumerate(single_clip_i)]}
+
+
+def _seed_results(seed, methods):
+    return {"protocol": {"seed": seed}, "methods": list(methods), "labels": {m: m for m in methods},
+            "sets": [{"methods": {m: _method_result(items) for m, items in methods.items()}}]}
+
+
+def test_a_method_run_on_fewer_runs_is_paired_over_the_runs_both_have():
+    runs = [_seed_results(0, {"cns": [0.30, 0.32, 0.34], "cns-random": [0.20, 0.25, 0.21]}),
+            _seed_results(1, {"cns": [0.50, 0.52, 0.40]}),
+            _seed_results(2, {"cns-noreg": [0.1, 0.1, 0.1]})]
+    aggregated = aggregate(runs, reference="cns")
+    assert aggregated["runs"] == 3
+    assert aggregated["runs_per_method"] == {"cns": 2, "cns-random": 1, "cns-noreg": 1}
+    expected = bootstrap_interval(paired_differences([[0.20, 0.25, 0.21]], [[0.30, 0.32, 0.34]]), seed=0)
+    assert aggregated["vs_reference"]["cns-random"]["single_clip_i"] == expected.to_dict()
+    assert aggregated["vs_reference"]["cns-random"]["single_clip_i"]["mean"] == pytest.approx(-0.10)
+    # the reference's own figure uses both of its runs
+    assert aggregated["figures"]["cns"]["single_clip_i"]["mean"] == pytest.approx(np.mean([0.32, 0.4733333]), abs=1e-6)
+    # no run in common: no paired difference rather than a wrong one
+    assert "single_clip_i" not in aggregated["vs_reference"]["cns-noreg"]
+    report = write_interval_report(aggregated, "t")
+    assert "| cns-random | 1 |" in report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -134,3 +135,25 @@ def test_a_long_run_scores_only_the_first_concept_until_the_last_task(tmp_path, 
     assert items["first_concept_change"]["mean"] == pytest.approx(m[-1, 0] - m[0, 0])
     assert "F_T" not in items
     assert "scored after each task: the first concept" in "\n".join(results["settings"])
+
+
+def test_finished_results_follow_the_model_contents_not_its_path(tmp_path):
+    from cns.evaluation.run import _model_fingerprint, _same_model
+
+    first = tmp_path / "install-a" / "model"
+    (first / "unet").mkdir(parents=True)
+    (first / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (first / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    stored = {"model": str(first), "model_fingerprint": _model_fingerprint(first)}
+    moved = tmp_path / "install-b" / "model"
+    shutil.copytree(first, moved)
+    assert _same_model(stored, {"model": str(moved), "model_fingerprint": _model_fingerprint(moved)})
+    # results written before fingerprints were recorded: the old folder, if still there, is fingerprinted
+    assert _same_model({"model": str(first)}, {"model": str(moved), "model_fingerprint": _model_fingerprint(moved)})
+    (moved / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"retrained")
+    changed = {"model": str(moved), "model_fingerprint": _model_fingerprint(moved)}
+    assert not _same_model(stored, changed)
+    assert not _same_model({"model": str(moved), "model_fingerprint": stored["model_fingerprint"]}, changed)
+    # a hub id: the id is all there is to compare
+    assert _same_model({"model": "org/model"}, {"model": "org/model", "model_fingerprint": None})
+    assert not _same_model({"model": "org/model"}, {"model": "org/other", "model_fingerprint": None})

@@ -65,18 +65,21 @@ def aggregate(runs: Sequence[dict], reference: str | None = "cns", seed: int = 0
     every seed is one cluster. Returns per method and metric its interval, its paired
     difference from ``reference`` (when that method ran), and for zero-shot metrics its paired
     difference from the base model; plus the first concept's mean CLIP-I curve and the base
-    model's own zero-shot intervals."""
+    model's own zero-shot intervals. A method that ran on fewer runs than another is paired
+    with it over the runs both have (``runs_per_method`` says how many each has)."""
     methods: list[str] = []
     labels: dict[str, str] = {}
-    clusters: dict[str, dict[str, list]] = {}
-    base_clusters: dict[str, list] = {}
+    clusters: dict[str, dict[str, dict]] = {}  # method -> metric -> run id -> items
+    base_clusters: dict[str, dict] = {}
     curves: dict[str, list] = {}
-    for results in runs:
+    for position, results in enumerate(runs):
         labels.update(results.get("labels", {}))
+        run_seed = (results.get("protocol") or {}).get("seed", position)
         base = _base_items(results.get("base", {}).get("zero_shot_per_prompt"))
-        for set_result in results["sets"]:
+        for set_index, set_result in enumerate(results["sets"]):
+            run_id = (run_seed, set_index)
             for metric, values in base.items():
-                base_clusters.setdefault(metric, []).append(values)
+                base_clusters.setdefault(metric, {})[run_id] = values
             for key in results["methods"]:
                 if key not in set_result["methods"]:
                     continue
@@ -84,21 +87,22 @@ def aggregate(runs: Sequence[dict], reference: str | None = "cns", seed: int = 0
                     methods.append(key)
                 method_result = set_result["methods"][key]
                 for metric, values in run_items(method_result).items():
-                    clusters.setdefault(key, {}).setdefault(metric, []).append(values)
+                    clusters.setdefault(key, {}).setdefault(metric, {})[run_id] = values
                 curves.setdefault(key, []).append(score_matrix(method_result)[:, 0])
     out: dict = {"methods": methods, "labels": {k: labels.get(k, k) for k in methods}, "reference": None,
-                 "runs": sum(len(r["sets"]) for r in runs), "figures": {}, "vs_reference": {}, "vs_base": {},
-                 "base": {}, "first_concept_curve": {}}
+                 "runs": sum(len(r["sets"]) for r in runs), "runs_per_method": {}, "figures": {},
+                 "vs_reference": {}, "vs_base": {}, "base": {}, "first_concept_curve": {}}
     if reference in methods:
         out["reference"] = reference
     for metric, values in base_clusters.items():
-        interval = bootstrap_interval(values, seed=seed)
+        interval = bootstrap_interval(list(values.values()), seed=seed)
         if interval is not None:
             out["base"][metric] = interval.to_dict()
     for key in methods:
         figures, versus, versus_base = {}, {}, {}
+        out["runs_per_method"][key] = max(len(v) for v in clusters[key].values())
         for metric, values in clusters[key].items():
-            interval = bootstrap_interval(values, seed=seed)
+            interval = bootstrap_interval(list(values.values()), seed=seed)
             if interval is None:
                 continue
             figures[metric] = interval.to_dict()
@@ -117,10 +121,14 @@ def aggregate(runs: Sequence[dict], reference: str | None = "cns", seed: int = 0
     return out
 
 
-def _paired(a, b, seed: int) -> Interval | None:
-    if b is None or len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
-        return None  # not the same items (a method missing in some run): no pairing
-    return bootstrap_interval(paired_differences(a, b), seed=seed)
+def _paired(a: dict, b: dict | None, seed: int) -> Interval | None:
+    """Paired differences a - b over the runs both have; None where no run pairs item by item."""
+    if not b:
+        return None
+    shared = [run for run in a if run in b]
+    if not shared or any(len(a[run]) != len(b[run]) for run in shared):
+        return None
+    return bootstrap_interval(paired_differences([a[run] for run in shared], [b[run] for run in shared]), seed=seed)
 
 
 PEER_PREFIXES = ("cns", "kv-all")  # CNS, its variants and ablations: not peers
@@ -196,12 +204,13 @@ def write_interval_report(aggregated: dict, title: str, settings: Sequence[str] 
     if settings:
         lines += ["## Settings", ""] + [f"- {s}" for s in settings] + [""]
     columns = ["single_clip_i", "single_clip_t", "multi_clip_i", "multi_clip_t", "F_T", "first_concept_change"]
+    runs = aggregated.get("runs_per_method", {})
     lines += ["## Personalization and forgetting", "",
-              "| method | " + " | ".join(METRICS[c][0] for c in columns) + " |",
-              "|---|" + "---|" * len(columns)]
+              "| method | runs | " + " | ".join(METRICS[c][0] for c in columns) + " |",
+              "|---|---|" + "---|" * len(columns)]
     for key in methods:
-        lines.append(f"| {labels[key]} | " + " | ".join(_cell(aggregated["figures"][key].get(c)) for c in columns)
-                     + " |")
+        lines.append(f"| {labels[key]} | {runs.get(key, aggregated['runs'])} | "
+                     + " | ".join(_cell(aggregated["figures"][key].get(c)) for c in columns) + " |")
     zs = ["zero_shot_clip_t", "zero_shot_attributes"]
     base = aggregated.get("base", {})
     if base:
@@ -221,7 +230,8 @@ def write_interval_report(aggregated: dict, title: str, settings: Sequence[str] 
         columns = ["single_clip_i", "single_clip_t", "multi_clip_i", "multi_clip_t", "F_T", "zero_shot_clip_t",
                    "zero_shot_attributes"]
         lines += ["", f"## Paired difference from {labels[reference]} (method minus reference)", "",
-                  "Same runs, prompts and seeds: an interval that excludes 0 is a difference these runs resolve.",
+                  "Same runs, prompts and seeds (a method with fewer runs is paired over the runs both have): an "
+                  "interval that excludes 0 is a difference these runs resolve.",
                   "", "| method | " + " | ".join(METRICS[c][0] for c in columns) + " |",
                   "|---|" + "---|" * len(columns)]
         for key in methods:

@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="run every set once per seed (OUT/seed-N/, each resumable) and report every figure with its "
                         "95%% interval over seeds, sets and prompts (default for the standard and long presets: 0 1 2)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and draw nothing: write the report from what OUT already holds (each method on the "
+                        "runs it finished; paired differences over the runs both methods have)")
     p.add_argument("--reference", default="cns",
                    help="the method every other one is compared with, paired (default: cns)")
     p.add_argument("--device", help="cpu, cuda, ... (default: a GPU when there is one)")
@@ -138,11 +141,12 @@ def run_from_args(args) -> int:
     out = Path(args.out)
     if seeds:
         runs = [run_evaluation(replace(protocol, seed=seed), str(model), scorer, out / f"seed-{seed}", methods=methods,
-                               device=args.device, calibration_prompts=prompts, progress=not args.quiet)
+                               device=args.device, calibration_prompts=prompts, progress=not args.quiet,
+                               finished_only=args.report_only)
                 for seed in seeds]
     else:
         runs = [run_evaluation(protocol, str(model), scorer, out, methods=methods, device=args.device,
-                               calibration_prompts=prompts, progress=not args.quiet)]
+                               calibration_prompts=prompts, progress=not args.quiet, finished_only=args.report_only)]
     aggregated = aggregate(runs, reference=args.reference)
     report = "report.md" if seeds else "intervals.md"
     if _state().is_main_process:

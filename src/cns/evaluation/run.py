@@ -222,12 +222,18 @@ def run_evaluation(
     device: Optional[str] = None,
     calibration_prompts: Optional[Sequence[str]] = None,
     progress: bool = True,
+    finished_only: bool = False,
 ) -> dict:
     """Run (or resume) the protocol for ``methods``; returns the results (also written to
-    ``out/results.json`` with ``report.md`` and the plots, by the main process)."""
+    ``out/results.json`` with ``report.md`` and the plots, by the main process).
+
+    ``finished_only``: train and draw nothing; collect the methods whose every unit of a set is
+    already in ``out`` (a method unfinished in a set is left out of that set)."""
     from ..library import load_base_pipeline
 
     out = Path(out)
+    if finished_only and not (out / "protocol.json").is_file():
+        raise CNSError(f"{out} has no finished runs to report")
     state = _state()
     if device is None and state.device.type != "cpu":
         device = str(state.device)  # this process's GPU (one per process under accelerate launch)
@@ -263,13 +269,13 @@ def run_evaluation(
 
     # settings: a finished unit is reused only under the same training and sampling settings
     settings_path = out / "protocol.json"
-    current = {"protocol": protocol.to_dict(), "model": str(model)}
+    current = {"protocol": protocol.to_dict(), "model": str(model), "model_fingerprint": _model_fingerprint(model)}
     if state.is_main_process:
         if settings_path.is_file():
             stored = json.loads(settings_path.read_text())
             old = Protocol.from_dict(stored["protocol"])
             if old.training_signature() != protocol.training_signature() or \
-                    old.sampling_signature() != protocol.sampling_signature() or stored.get("model") != str(model):
+                    old.sampling_signature() != protocol.sampling_signature() or not _same_model(stored, current):
                 raise CNSError(f"{out} holds results made with other settings; use a new --out folder")
         _write_json(settings_path, current)
     state.wait_for_everyone()
@@ -309,6 +315,8 @@ def run_evaluation(
     # --- the base model's zero-shot figures (once) ---
     if zero_shot is not None:
         path = out / "base" / "zero_shot.json"
+        if finished_only and not path.is_file():
+            raise CNSError(f"{out} has no finished runs to report (no {path.relative_to(out)})")
         if not path.is_file():
             log("base model: zero-shot prompts")
             pipe = load_base_pipeline(model)
@@ -334,7 +342,7 @@ def run_evaluation(
                    for c in set_concepts]
         class_prompts = [c.class_prompt or protocol.class_prompts[c.kind].format(word=c.class_word)
                          for c in set_concepts]
-        if state.is_main_process:
+        if state.is_main_process and not finished_only:
             _prepare_class_images(out, model, sorted(set(class_prompts)), protocol, device)
         state.wait_for_everyone()
         tasks = [ConceptTask(index=j, name=c.name, kind=c.kind, class_word=c.class_word, token=f"<new{j + 1}>",
@@ -352,6 +360,8 @@ def run_evaluation(
 
         for key in methods:
             method_dir = set_dir / method_folder(key)
+            if finished_only and not _finished(method_dir / "eval", len(tasks), bool(multi), zero_shot is not None):
+                continue
             method = make_method(key, method_dir, model, protocol, device=device,
                                  calibration_prompts=calibration_prompts)
             labels[key] = method.label
@@ -417,7 +427,7 @@ def run_evaluation(
     results["protocol"] = protocol.to_dict()
     results["settings"] = protocol.describe()
     results["model"] = str(model)
-    results["methods"] = list(methods)
+    results["methods"] = [m for m in methods if any(m in s["methods"] for s in results["sets"])]
     results["labels"] = {k: labels.get(k, k) for k in methods}
     results["summary"] = summarize(results)
     results["seconds"] = time.perf_counter() - started
@@ -426,6 +436,28 @@ def run_evaluation(
         write_report(out, results)
     state.wait_for_everyone()
     return results
+
+
+def _model_fingerprint(model: str | Path) -> str | None:
+    """A local model folder's content fingerprint; None for a hub id."""
+    from ..storage import folder_fingerprint
+
+    return folder_fingerprint(Path(model)) if Path(model).is_dir() else None
+
+
+def _same_model(stored: dict, current: dict) -> bool:
+    """The same base model: the same contents wherever the folder is now (results survive a
+    reinstall or a moved folder), or, for a hub id, the same id."""
+    before = stored.get("model_fingerprint") or (_model_fingerprint(stored["model"]) if stored.get("model") else None)
+    if before and current["model_fingerprint"]:
+        return before == current["model_fingerprint"]
+    return stored.get("model") == current["model"]
+
+
+def _finished(eval_dir: Path, n_tasks: int, multi: bool, zero_shot: bool) -> bool:
+    """Whether a method's every unit of a set is written."""
+    units = [f"task_{j + 1:04d}.json" for j in range(n_tasks)] + ["multi.json"] * multi + ["zero_shot.json"] * zero_shot
+    return all((eval_dir / name).is_file() for name in units)
 
 
 def _mean_of_prompts(rows: list[dict], metric: str) -> dict:
