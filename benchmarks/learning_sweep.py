@@ -37,7 +37,7 @@ from cns.generate import image_grid  # noqa: E402
 from cns.library import ConceptLibrary, ConceptSpec  # noqa: E402
 from cns.world.concepts import get_concept, write_concept_folder  # noqa: E402
 from cns.world.demo import (  # noqa: E402
-    _CLASS_PROMPTS, DemoSettings, calibration_prompts, _images, _learn_config, concept_prompt,
+    _CLASS_PROMPTS, DemoSettings, calibration_prompts, _images, concept_prompt, demo_learn_config,
 )
 from cns.world.evaluator import EVALUATOR_PATH  # noqa: E402
 from cns.world.pretrain import DEFAULT_MODEL_PATH  # noqa: E402
@@ -79,7 +79,8 @@ def main() -> None:
         done = {(r["concept"], json.dumps(r["setting"], sort_keys=True))
                 for r in map(json.loads, results_file.read_text().splitlines())}
 
-    demo = DemoSettings()
+    # the settings the sweeps of docs/world/learning.md ran from: the paper's CNS, 300 steps
+    demo = DemoSettings(method="paper", learn={"steps": 300, "class_image_steps": 30})
     scorer = ClipScorer.from_pretrained(str(EVALUATOR_PATH), device=args.device)
     metric = ClipSettings()
     jobs = [(c, s) for c in args.concepts for s in parse_grid(args.grid)][shard::shards]
@@ -101,16 +102,16 @@ def main() -> None:
             size = library.base_model["resolution"]
             references = scorer.image_embeddings(_images(folder, size))
             class_dir.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(library.generate(class_prompt, n=demo.num_class_images, steps=demo.sample_steps,
+            for i, image in enumerate(library.generate(class_prompt, n=library.default_config().num_class_images, steps=demo.sample_steps,
                                                        guidance=demo.guidance, seed=demo.seed, pipe=pipe)):
                 image.save(class_dir / f"{i:02d}.png")
             before = library.generate(concept_prompt(concept.kind, "", concept.class_word), n=args.images,
                                       steps=demo.sample_steps, guidance=demo.guidance, seed=demo.seed, pipe=pipe)
             base[name] = (references, clip_i(scorer.image_embeddings(before), references, metric))
         references, before_score = base[name]
-        config = dataclasses.replace(_learn_config(demo), device=args.device, **setting)  # the demo's, varied
         library = ConceptLibrary.create(Path(tempfile.mkdtemp(dir=work)) / "lib", str(DEFAULT_MODEL_PATH),
                                         calibration_prompts=calibration_prompts())
+        config = dataclasses.replace(demo_learn_config(library, demo), device=args.device, **setting)  # varied
         spec = ConceptSpec(folder, concept.class_word, captions_file=folder / "captions.json", class_data_dir=class_dir,
                            class_prompt=class_prompt)
         t = time.perf_counter()

@@ -88,3 +88,31 @@ def test_the_shipped_tiny_world_model_is_known_by_name(tmp_path):
         assert resolve_model("tiny-world") == "tiny-world"
     finally:
         os.chdir(cwd)
+
+
+def test_learn_settings_layer_the_defaults_the_method_and_the_flags():
+    from cns import LearnConfig
+    from cns.errors import CNSError
+    from cns.model_settings import METHOD_PRESETS, learn_settings
+
+    defaults = LearnConfig(steps=150, lambda_keep=5.0, lambda_generic=1.0, lr_neurons=0.02)
+    assert learn_settings(defaults) == defaults and learn_settings(defaults, "default") == defaults
+    paper = learn_settings(defaults, "paper", {"steps": 7})
+    assert (paper.lambda_keep, paper.lambda_generic, paper.steps, paper.lr_neurons) == (0.0, 0.0, 7, 0.02)
+    assert all(getattr(paper, k) == v for k, v in METHOD_PRESETS["paper"].items())
+    assert learn_settings(defaults, "paper", {"lambda_keep": 3.0}).lambda_keep == 3.0  # a flag wins over the method
+    assert defaults.lambda_keep == 5.0  # the defaults are not changed in place
+    with pytest.raises(CNSError, match="unknown method 'papr'"):
+        learn_settings(defaults, "papr")
+
+
+def test_the_demo_learns_with_what_learn_does_without_flags(tmp_path):
+    from cns.world.demo import DemoSettings, demo_learn_config
+
+    library = ConceptLibrary.create(tmp_path / "lib", "tiny-world")
+    shipped = library.default_config()
+    assert shipped.lambda_generic > 0  # the tiny world recommends L_generic
+    config = demo_learn_config(library, DemoSettings(seed=3))
+    assert config == shipped.__class__(**{**shipped.to_dict(), "seed": 3})
+    paper = demo_learn_config(library, DemoSettings(method="paper", learn={"steps": 2}))
+    assert paper.lambda_generic == 0.0 and paper.steps == 2 and paper.lr_neurons == shipped.lr_neurons

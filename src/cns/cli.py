@@ -21,27 +21,18 @@ __all__ = ["main", "build_parser"]
 def _learn_config(args, defaults: LearnConfig | None = None) -> LearnConfig:
     """The library's defaults (the base model's recommended settings), then ``--method``, then
     every flag given."""
-    from .model_settings import METHOD_PRESETS
+    from .model_settings import learn_settings
 
-    config = defaults or LearnConfig()
-    for field, value in METHOD_PRESETS.get(getattr(args, "method", None) or "", {}).items():
-        setattr(config, field, value)
-    for field in (
-        "steps", "seed", "batch_size", "select_ratio", "select_rule", "lr_embedding", "lr_neurons",
-        "lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "lambda_lock", "generic_padding",
-        "prior_loss_weight",
-        "num_class_images",
-        "class_image_steps",
-        "resolution", "mixed_precision", "device", "neurons", "checkpoint_every", "attention_slicing",
-    ):
-        value = getattr(args, field, None)
-        if value is not None:
-            setattr(config, field, value)
+    fields = ("steps", "seed", "batch_size", "select_ratio", "select_rule", "lr_embedding", "lr_neurons",
+              "lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "lambda_lock", "generic_padding",
+              "prior_loss_weight", "num_class_images", "class_image_steps", "resolution", "mixed_precision", "device",
+              "neurons", "checkpoint_every", "attention_slicing")
+    overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
     if args.no_regularizer:
-        config.regularize = False
+        overrides["regularize"] = False
     if args.gradient_checkpointing:
-        config.gradient_checkpointing = True
-    return config
+        overrides["gradient_checkpointing"] = True
+    return learn_settings(defaults or LearnConfig(), getattr(args, "method", None), overrides)
 
 
 def cmd_init(args) -> int:
@@ -188,11 +179,14 @@ def cmd_export(args) -> int:
 def cmd_demo(args) -> int:
     from .world.demo import DEFAULT_DEMO_CONCEPTS, DemoSettings, run_demo
 
-    settings = DemoSettings(out=Path(args.out), concepts=tuple(args.concepts or DEFAULT_DEMO_CONCEPTS), seed=args.seed)
-    for field in ("steps", "lr_neurons", "lr_embedding", "select_ratio", "lambda_keep", "guidance",
-                  "images_per_prompt", "sample_steps", "model", "evaluator"):
+    settings = DemoSettings(out=Path(args.out), concepts=tuple(args.concepts or DEFAULT_DEMO_CONCEPTS), seed=args.seed,
+                            method=args.method)
+    for field in ("guidance", "images_per_prompt", "sample_steps", "model", "evaluator"):
         if getattr(args, field, None) is not None:
             setattr(settings, field, getattr(args, field))
+    settings.learn = {f: getattr(args, f) for f in ("steps", "lr_neurons", "lr_embedding", "select_ratio",
+                                                     "lambda_keep", "lambda_generic")
+                      if getattr(args, f, None) is not None}
     results = run_demo(settings, progress=not args.quiet)
     for c in results["concepts"]:
         print(f"{c['token']:<8} {c['name']:<14} {c['kind']:<9} CLIP-I {c['before']['clip_i']:.3f} -> "
@@ -321,12 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "are replaced and nothing else is touched; a folder with files cns did not make is refused")
     p.add_argument("--concepts", nargs="+", help="tiny-world concept names (default: an object, a scene, a style, "
                    "a creature)")
-    p.add_argument("--steps", type=int, help="training steps per concept")
+    p.add_argument("--method", choices=["default", "paper"], default="default",
+                   help="default: what `cns learn` does with no flags (the model's recommended settings); paper: "
+                        "the paper's CNS (Eq. 7-8, nothing beyond it)")
+    p.add_argument("--steps", type=int, help="training steps per concept (default: the model's)")
     p.add_argument("--lr-neurons", type=float, help="learning rate of the selected K/V elements")
     p.add_argument("--lr-embedding", type=float, help="learning rate of the new tokens' embeddings")
     p.add_argument("--select-ratio", type=float, help="share of each K/V row selected per caption (Sec. 4.2)")
     p.add_argument("--lambda-keep", type=float,
-                   help="beyond the paper: hold earlier concepts' keys and values (L_keep; 10 is a good start)")
+                   help="beyond the paper: weight of L_keep, which holds earlier concepts' keys and values")
+    p.add_argument("--lambda-generic", type=float,
+                   help="beyond the paper: weight of L_generic, which holds generic prompts' keys and values")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--images-per-prompt", type=int)
     p.add_argument("--sample-steps", type=int)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import CNSError
 
-__all__ = ["SETTINGS_FILE", "resolve_model", "read_model_settings", "METHOD_PRESETS"]
+__all__ = ["SETTINGS_FILE", "resolve_model", "read_model_settings", "METHOD_PRESETS", "learn_settings"]
 
 SETTINGS_FILE = "cns_settings.json"
 
@@ -25,6 +25,17 @@ SETTINGS_FILE = "cns_settings.json"
 METHOD_PRESETS: dict[str, dict] = {
     "paper": {"lambda_keep": 0.0, "lambda_generic": 0.0, "regularize": True, "neurons": "concept"},
 }
+
+
+def learn_settings(defaults, method: str | None = None, overrides: dict | None = None):
+    """The settings ``learn`` runs with: ``defaults`` (a library's, i.e. the base model's
+    recommended ones), then a named method (``"paper"``: :data:`METHOD_PRESETS`), then
+    ``overrides`` (LearnConfig fields, e.g. the flags a user gave). Returns a new LearnConfig."""
+    from dataclasses import replace
+
+    if method not in (None, "default") and method not in METHOD_PRESETS:
+        raise CNSError(f"unknown method {method!r}: default or {', '.join(METHOD_PRESETS)}")
+    return replace(defaults, **{**METHOD_PRESETS.get(method or "", {}), **(overrides or {})})
 
 
 def shipped_models() -> dict[str, Path]:

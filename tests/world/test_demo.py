@@ -69,8 +69,8 @@ def test_demo_runs_end_to_end_on_the_shipped_world(tmp_path):
 
     if not (DEFAULT_MODEL_PATH / "model_index.json").is_file() or not (EVALUATOR_PATH / "config.json").is_file():
         pytest.skip("tiny-world weights not built")
-    settings = DemoSettings(out=tmp_path / "demo", concepts=("starry-night", "berry-heart"), steps=2,
-                            num_class_images=1, images_per_prompt=1, sample_steps=2)
+    settings = DemoSettings(out=tmp_path / "demo", concepts=("starry-night", "berry-heart"),
+                            learn={"steps": 2, "num_class_images": 1}, images_per_prompt=1, sample_steps=2)
     settings.out.mkdir()
     (settings.out / "keep.txt").write_bytes(b"the user's")
     (settings.out / ".cns-demo.json").write_text('{"made_by": "cns demo", "files": []}')  # as if killed at once

@@ -13,7 +13,7 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import LearnConfig
@@ -64,15 +64,14 @@ def concept_prompt(kind: str, token: str, word: str, which: int = 0) -> str:
 
 @dataclass
 class DemoSettings:
+    """What the demo learns and how it draws. Learning runs with what ``cns learn`` does with no
+    flags (the tiny world's recommended settings, recorded by the library), or the paper's CNS
+    (``method="paper"``); ``learn`` holds LearnConfig fields set over those."""
+
     out: Path = Path("cns-demo")
     concepts: tuple[str, ...] = DEFAULT_DEMO_CONCEPTS
-    steps: int = 300
-    batch_size: int = 4
-    lr_neurons: float = 1e-2
-    lr_embedding: float = 1e-3  # higher pushed token rows to 2-5x the vocabulary's largest norm (measured)
-    select_ratio: float = 0.3  # 0.1 (the library's default) selects too few K/V elements in this 128-wide model
-    lambda_keep: float = 0.0  # L_keep (beyond the paper): off, so that the demo shows the paper's CNS
-    num_class_images: int = 8
+    method: str = "default"
+    learn: dict = field(default_factory=dict)
     images_per_prompt: int = 4
     sample_steps: int = 30
     guidance: float = 4.0
@@ -81,11 +80,11 @@ class DemoSettings:
     evaluator: str | None = None
 
 
-def _learn_config(s: DemoSettings) -> LearnConfig:
-    return LearnConfig(steps=s.steps, batch_size=s.batch_size, lr_neurons=s.lr_neurons, lr_embedding=s.lr_embedding,
-                       select_ratio=s.select_ratio, lambda_keep=s.lambda_keep,
-                       num_class_images=s.num_class_images, class_image_steps=s.sample_steps,
-                       class_image_guidance=s.guidance, seed=s.seed)
+def demo_learn_config(library, settings: DemoSettings) -> LearnConfig:
+    """The library's defaults, the named method, then ``settings.learn``; the demo's seed."""
+    from ..model_settings import learn_settings
+
+    return learn_settings(library.default_config(), settings.method, {"seed": settings.seed, **settings.learn})
 
 
 def run_demo(settings: DemoSettings, progress: bool = True) -> dict:
@@ -152,7 +151,7 @@ def _run_demo(settings: DemoSettings, out: Path, model: Path, started: float, pr
 
     results = {"concepts": [], "multi": [], "settings": {k: str(v) for k, v in vars(settings).items()}}
     base_pipe = library.load_pipeline()
-    config = _learn_config(settings)
+    config = demo_learn_config(library, settings)
     learned: list[tuple] = []  # (concept, token)
     for index, (concept, folder) in enumerate(zip(concepts, folders)):
         prompt_without = concept_prompt(concept.kind, "", concept.class_word)
