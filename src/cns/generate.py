@@ -15,7 +15,7 @@ from . import __version__
 from .errors import CNSError
 from .tokens import find_tokens, normalize_token
 
-__all__ = ["generate_images", "image_grid", "unknown_tokens", "check_output_files", "save_images", "made_by_cns"]
+__all__ = ["generate_images", "generate_many", "image_grid", "unknown_tokens", "check_output_files", "save_images", "made_by_cns"]
 
 PNG_KEY = "cns"  # the PNG text chunk that marks an image cns wrote
 
@@ -44,15 +44,32 @@ def generate_images(
 ) -> list[Image.Image]:
     """``n`` images for ``prompt``; image ``i`` comes from seed ``seed + i``, so a set is
     reproducible and independent of the batch size."""
+    return generate_many(pipe, [(prompt, seed + i) for i in range(n)], steps=steps, guidance=guidance, height=height,
+                         width=width, negative_prompt=negative_prompt, batch_size=batch_size)
+
+
+def generate_many(
+    pipe,
+    requests: Sequence[tuple[str, int]],
+    steps: int = 50,
+    guidance: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    batch_size: int = 4,
+) -> list[Image.Image]:
+    """One image per ``(prompt, seed)`` request, in order, drawn ``batch_size`` at a time
+    whatever their prompts. Each image starts from its own seed's noise, so it is the same
+    image in any batch (to float tolerance)."""
     images: list[Image.Image] = []
     device = pipe.device
-    for start in range(0, n, batch_size):
-        count = min(batch_size, n - start)
-        generators = [torch.Generator(device="cpu").manual_seed(seed + start + i) for i in range(count)]
+    for start in range(0, len(requests), batch_size):
+        chunk = requests[start:start + batch_size]
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk]
         latents = _initial_latents(pipe, generators, height, width)
         result = pipe(
-            [prompt] * count,
-            negative_prompt=[negative_prompt] * count if negative_prompt else None,
+            [prompt for prompt, _ in chunk],
+            negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
             num_inference_steps=steps,
             guidance_scale=guidance,
             height=height,

@@ -78,14 +78,15 @@ def test_outputs_are_written(micro_run):
 def test_rerun_skips_finished_units(micro_run, base_model, tiny_scorer, dummy_concepts, dummy_zero_shot,
                                     monkeypatch):
     out, first = micro_run
-    calls = {"learn": 0, "generate": 0}
-    original_generate = run_module.generate_images
+    calls = {"learn": 0, "generate": 0}  # generate: jobs drawn (a prompt's images)
+    original_draw = run_module._draw_jobs
 
-    def counting_generate(*args, **kwargs):
-        calls["generate"] += 1
-        return original_generate(*args, **kwargs)
+    def counting_draw(*args, **kwargs):
+        for drawn in original_draw(*args, **kwargs):
+            calls["generate"] += 1
+            yield drawn
 
-    monkeypatch.setattr(run_module, "generate_images", counting_generate)
+    monkeypatch.setattr(run_module, "_draw_jobs", counting_draw)
     for cls in {METHODS[k] for k in MICRO_METHODS}:
         original_learn = cls.learn
 
@@ -157,3 +158,26 @@ def test_finished_results_follow_the_model_contents_not_its_path(tmp_path):
     # a hub id: the id is all there is to compare
     assert _same_model({"model": "org/model"}, {"model": "org/model", "model_fingerprint": None})
     assert not _same_model({"model": "org/model"}, {"model": "org/other", "model_fingerprint": None})
+
+
+def test_jobs_are_drawn_in_batches_across_prompts_with_each_images_own_noise(base_model, monkeypatch):
+    """Batched across jobs, a job's images are the ones it draws alone (seed + offset + k), to
+    float tolerance, whatever the chunk boundaries."""
+    from cns.library import load_base_pipeline
+
+    pipe = load_base_pipeline(str(base_model))
+    pipe.set_progress_bar_config(disable=True)
+    protocol = micro_protocol(sample_steps=2, seed=5)
+    jobs = [{"prompt": "a photo of a dog", "n": 2}, {"prompt": "a red hat", "n": 3, "seed_offset": 1000},
+            {"prompt": "a cat", "n": 1}, {"prompt": "a photo of a dog", "n": 2, "seed_offset": 7}]
+    monkeypatch.setattr(run_module, "IMAGES_HELD", 4)  # chunks: jobs 0 | 1+2 | 3
+    monkeypatch.setattr(run_module, "GENERATION_BATCH", 3)
+    drawn = list(run_module._draw_jobs(pipe, list(enumerate(jobs)), protocol))
+    assert [index for index, _, _ in drawn] == [0, 1, 2, 3]
+    for index, job, images in drawn:
+        alone = run_module.generate_images(pipe, job["prompt"], job["n"], protocol, job.get("seed_offset", 0))
+        assert len(images) == job["n"]
+        for a, b in zip(images, alone):
+            assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+    # the two "a photo of a dog" jobs differ only by their seeds: different images
+    assert np.abs(np.asarray(drawn[0][2][0], dtype=int) - np.asarray(drawn[3][2][0], dtype=int)).max() > 10

@@ -121,6 +121,35 @@ def generate_images(pipe, prompt: str, n: int, protocol: Protocol, seed_offset: 
                      seed=protocol.seed + seed_offset, batch_size=min(8, max(1, n)))
 
 
+GENERATION_BATCH = 8  # images per UNet batch, across prompts
+IMAGES_HELD = 64  # images drawn before they are scored and let go
+
+
+def _draw_jobs(pipe, part: list[tuple[int, dict]], protocol: Protocol):
+    """Yields ``(index, job, images)``: each job's images, the same as
+    :func:`generate_images` draws (seeds ``protocol.seed + seed_offset + k``), but batched across
+    jobs, :data:`IMAGES_HELD` at most at a time."""
+    from ..generate import generate_many
+
+    def seed(job):
+        return protocol.seed + job.get("seed_offset", 0)
+
+    chunk: list[tuple[int, dict]] = []
+    for position, (index, job) in enumerate(part):
+        chunk.append((index, job))
+        last = position == len(part) - 1
+        if not last and sum(j["n"] for _, j in chunk) + part[position + 1][1]["n"] <= IMAGES_HELD:
+            continue
+        requests = [(j["prompt"], seed(j) + k) for _, j in chunk for k in range(j["n"])]
+        images = generate_many(pipe, requests, steps=protocol.sample_steps, guidance=protocol.guidance,
+                               batch_size=GENERATION_BATCH)
+        start = 0
+        for i, j in chunk:
+            yield i, j, images[start:start + j["n"]]
+            start += j["n"]
+        chunk = []
+
+
 def _load_references(folder: Path, size: int, n: int):
     from PIL import Image
 
@@ -145,8 +174,7 @@ def _score_jobs(pipe, jobs: list[dict], protocol: Protocol, scorer: ClipScorer, 
     state = _state()
     mine = []
     with state.split_between_processes(list(enumerate(jobs))) as part:
-        for index, job in part:
-            images = generate_images(pipe, job["prompt"], job["n"], protocol, job.get("seed_offset", 0))
+        for index, job, images in _draw_jobs(pipe, list(part), protocol):
             emb = scorer.image_embeddings(images)
             text = scorer.text_embeddings([prepare_prompt(job["prompt"], token_to_class, settings)])
             clip_t = _per_image(cosine_matrix(emb, text)[:, 0], settings)
