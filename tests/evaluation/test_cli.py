@@ -94,10 +94,10 @@ def test_seeds_run_one_folder_each_and_report_every_figure_with_its_interval(tmp
     # --report-only trains nothing: an unrun method is left out, the finished ones come back unchanged
     only = _args(world_words_model, tiny_clip_path, out, methods=("cns", "ti", "kv-all"))
     only[only.index("--zero-shot") + 1] = "2"
-    assert main([*only, "--seeds", "0", "1", "--report-only"]) == 0
+    assert main([*only, "--seeds", "0", "1", "2", "--report-only"]) == 0  # seed 2 never ran: left out
     reported = json.loads((out / "intervals.json").read_text())["aggregate"]
     assert reported["methods"] == ["cns", "ti"] and not (out / "seed-0" / "set1" / "kv-all").exists()
-    assert reported["figures"]["ti"] == aggregated["figures"]["ti"]
+    assert reported["figures"]["ti"] == aggregated["figures"]["ti"] and reported["runs"] == 2
     assert main([*only, "--seeds", "0", "--report-only", "--out", str(tmp_path / "empty")]) == 2
     assert "no finished runs" in capsys.readouterr().err and not (tmp_path / "empty").exists()
 

@@ -139,6 +139,8 @@ def run_from_args(args) -> int:
     methods = args.methods or DEFAULT_METHODS
     seeds = args.seeds or (list(STANDARD_SEEDS) if args.preset in ("standard", "long") and args.seed is None else None)
     out = Path(args.out)
+    if seeds and args.report_only:  # the seeds that have run, of those asked for
+        seeds = [s for s in seeds if (out / f"seed-{s}" / "protocol.json").is_file()] or seeds[:1]
     if seeds:
         runs = [run_evaluation(replace(protocol, seed=seed), str(model), scorer, out / f"seed-{seed}", methods=methods,
                                device=args.device, calibration_prompts=prompts, progress=not args.quiet,
