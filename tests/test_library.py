@@ -110,7 +110,7 @@ def test_same_inputs_and_seed_give_identical_libraries(tmp_path, base_model, con
     assert any(not torch.equal(values[k], reference[k]) for k in values)
 
 
-def test_library_records_what_the_issue_asks(three_concept_library):
+def test_each_task_records_its_images_captions_selection_and_settings(three_concept_library):
     library, _ = three_concept_library
     assert library.tokens == ["<new1>", "<new2>", "<new3>"]
     concept = library.concepts[1]
