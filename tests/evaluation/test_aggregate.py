@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cns.evaluation.aggregate import aggregate, promise_checks, write_interval_report
+from cns.evaluation.aggregate import aggregate, promise_checks, run_items, write_interval_report
 from cns.evaluation.intervals import bootstrap_interval, paired_differences
 
 
@@ -74,3 +74,20 @@ def test_a_method_run_on_fewer_runs_is_paired_over_the_runs_both_have():
     assert "single_clip_i" not in aggregated["vs_reference"]["cns-noreg"]
     report = write_interval_report(aggregated, "t")
     assert "| cns-random | 1 |" in report
+
+
+def test_single_concept_items_also_come_per_kind_of_concept():
+    result = _method_result([0.1, 0.2, 0.3, 0.4])
+    for item, concept in zip(result["single_items"], (0, 0, 1, 2)):
+        item["concept"] = concept
+    items = run_items(result, kinds=["scene", "object", "scene"])
+    assert items["single_clip_i@scene"] == [0.1, 0.2, 0.4] and items["single_clip_i@object"] == [0.3]
+    assert "single_clip_i@style" not in items and items["single_clip_i"] == [0.1, 0.2, 0.3, 0.4]
+    runs = [_seed_results(0, {"cns": [0.1, 0.2, 0.3, 0.4]})]
+    runs[0]["sets"][0]["concepts"] = [{"kind": "scene"}, {"kind": "object"}, {"kind": "scene"}]
+    for item, concept in zip(runs[0]["sets"][0]["methods"]["cns"]["single_items"], (0, 0, 1, 2)):
+        item["concept"] = concept
+    aggregated = aggregate(runs)
+    assert aggregated["figures"]["cns"]["single_clip_i@object"]["mean"] == pytest.approx(0.3)
+    assert aggregated["figures"]["cns"]["single_clip_i@scene"]["mean"] == pytest.approx(0.7 / 3)
+    assert "| object | scene |" in write_interval_report(aggregated, "t")

@@ -98,6 +98,7 @@ def test_seeds_run_one_folder_each_and_report_every_figure_with_its_interval(tmp
     reported = json.loads((out / "intervals.json").read_text())["aggregate"]
     assert reported["methods"] == ["cns", "ti"] and not (out / "seed-0" / "set1" / "kv-all").exists()
     assert reported["figures"]["ti"] == aggregated["figures"]["ti"] and reported["runs"] == 2
+    assert reported["labels"] == {"cns": aggregated["labels"]["cns"], "ti": "Textual Inversion"}
     assert main([*only, "--seeds", "0", "--report-only", "--out", str(tmp_path / "empty")]) == 2
     assert "no finished runs" in capsys.readouterr().err and not (tmp_path / "empty").exists()
 

@@ -35,12 +35,22 @@ METRICS: dict[str, tuple[str, bool]] = {
 }
 
 
-def run_items(method_result: dict) -> dict[str, list[float | None]]:
-    """The items of one method in one run, per metric (empty where the run lacks them)."""
+KINDS = ("object", "creature", "scene", "style")
+
+
+def run_items(method_result: dict, kinds: Sequence[str] | None = None) -> dict[str, list[float | None]]:
+    """The items of one method in one run, per metric (empty where the run lacks them).
+    ``kinds``: each concept's kind, in the set's order; then single-concept items also come
+    per kind of concept (``single_clip_i@scene``, ...)."""
     items: dict[str, list[float | None]] = {}
     single = method_result.get("single_items") or []
     items["single_clip_i"] = [r["clip_i"] for r in single]
     items["single_clip_t"] = [r["clip_t"] for r in single]
+    if kinds is not None:
+        for kind in sorted(set(kinds), key=lambda k: (KINDS + (k,)).index(k)):
+            mine = [r for r in single if kinds[r["concept"]] == kind]
+            items[f"single_clip_i@{kind}"] = [r["clip_i"] for r in mine]
+            items[f"single_clip_t@{kind}"] = [r["clip_t"] for r in mine]
     multi = (method_result.get("multi") or {}).get("prompts") or []
     items["multi_clip_i"] = [r["clip_i"]["mean"] for r in multi]
     items["multi_clip_t"] = [r["clip_t"]["mean"] for r in multi]
@@ -86,7 +96,8 @@ def aggregate(runs: Sequence[dict], reference: str | None = "cns", seed: int = 0
                 if key not in methods:
                     methods.append(key)
                 method_result = set_result["methods"][key]
-                for metric, values in run_items(method_result).items():
+                kinds = [c.get("kind", "") for c in set_result.get("concepts", [])] or None
+                for metric, values in run_items(method_result, kinds).items():
                     clusters.setdefault(key, {}).setdefault(metric, {})[run_id] = values
                 curves.setdefault(key, []).append(score_matrix(method_result)[:, 0])
     out: dict = {"methods": methods, "labels": {k: labels.get(k, k) for k in methods}, "reference": None,
@@ -239,6 +250,15 @@ def write_interval_report(aggregated: dict, title: str, settings: Sequence[str] 
                 continue
             d = aggregated["vs_reference"][key]
             lines.append(f"| {labels[key]} | " + " | ".join(_cell(d.get(c), True) for c in columns) + " |")
+    kinds = [k for k in KINDS if any(f"single_clip_i@{k}" in aggregated["figures"][m] for m in methods)]
+    if kinds:
+        lines += ["", "## Single-concept CLIP-I / CLIP-T by kind of concept", "",
+                  "| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for key in methods:
+            f = aggregated["figures"][key]
+            lines.append(f"| {labels[key]} | " + " | ".join(
+                f"{_cell(f.get(f'single_clip_i@{k}'))} / {f[f'single_clip_t@{k}']['mean']:.3f}"
+                if f"single_clip_t@{k}" in f else "–" for k in kinds) + " |")
     curves = aggregated.get("first_concept_curve", {})
     if curves:
         lines += ["", "## The first concept's CLIP-I after each task (mean over runs)", ""]

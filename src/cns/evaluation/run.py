@@ -456,7 +456,7 @@ def run_evaluation(
     results["settings"] = protocol.describe()
     results["model"] = str(model)
     results["methods"] = [m for m in methods if any(m in s["methods"] for s in results["sets"])]
-    results["labels"] = {k: labels.get(k, k) for k in methods}
+    results["labels"] = {k: labels.get(k, k) for k in results["methods"]}
     results["summary"] = summarize(results)
     results["seconds"] = time.perf_counter() - started
     if state.is_main_process:
