@@ -91,3 +91,16 @@ def test_single_concept_items_also_come_per_kind_of_concept():
     assert aggregated["figures"]["cns"]["single_clip_i@object"]["mean"] == pytest.approx(0.3)
     assert aggregated["figures"]["cns"]["single_clip_i@scene"]["mean"] == pytest.approx(0.7 / 3)
     assert "| object | scene |" in write_interval_report(aggregated, "t")
+
+
+def test_the_gain_over_the_base_model_is_paired_prompt_by_prompt():
+    runs = [_seed_results(0, {"cns": [0.30, 0.40, 0.50]})]
+    runs[0]["sets"][0]["base_single_items"] = [{"concept": 0, "prompt": f"p{k}", "clip_i": x, "clip_t": 0.1}
+                                               for k, x in enumerate([0.25, 0.30, 0.50])]
+    aggregated = aggregate(runs)
+    gain = aggregated["vs_base"]["cns"]["single_clip_i"]
+    expected = bootstrap_interval(paired_differences([[0.30, 0.40, 0.50]], [[0.25, 0.30, 0.50]]), seed=0)
+    assert gain == expected.to_dict() and gain["mean"] == pytest.approx(0.05)
+    assert aggregated["base"]["single_clip_i"]["mean"] == pytest.approx(0.35)
+    report = write_interval_report(aggregated, "t")
+    assert "| base model (token left out) | 1 | 0.350" in report and "+0.050 [" in report

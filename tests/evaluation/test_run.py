@@ -65,6 +65,12 @@ def test_outputs_are_written(micro_run):
     for text in ("Table 1", "Table 2", "A_T", "F_T", "BWT", "CNS", "Orthogonal Adaptation", "Zero-shot",
                  "images per prompt: 2", "CLIP conventions", "forgetting.png", "score_matrices.png"):
         assert text in report, text
+    # the base model drew every single-concept prompt, token left out, with the methods' seeds
+    base = results["sets"][0]["base_single_items"]
+    prompts = results["sets"][0]["prompts"]
+    assert [(r["concept"], r["prompt"]) for r in base] == [
+        (int(i), " ".join(p.replace(f"<new{int(i) + 1}>", "").split())) for i in prompts for p in prompts[i]]
+    assert all("<new" not in r["prompt"] and -1 <= r["clip_i"] <= 1 for r in base)
     for name in ("forgetting.png", "score_matrices.png", "grid_cns.png", "grid_ortho.png"):
         assert (out / name).stat().st_size > 0, name
     summary = results["summary"]

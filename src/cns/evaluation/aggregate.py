@@ -18,7 +18,7 @@ from .intervals import Interval, bootstrap_interval, paired_differences
 from .metrics import continual_or_nan
 from .run import score_matrix
 
-__all__ = ["METRICS", "run_items", "aggregate", "promise_checks", "write_interval_report"]
+__all__ = ["METRICS", "single_items", "run_items", "aggregate", "promise_checks", "write_interval_report"]
 
 # key -> (label, higher is better)
 METRICS: dict[str, tuple[str, bool]] = {
@@ -38,19 +38,21 @@ METRICS: dict[str, tuple[str, bool]] = {
 KINDS = ("object", "creature", "scene", "style")
 
 
+def single_items(single: Sequence[dict], kinds: Sequence[str] | None = None) -> dict[str, list[float | None]]:
+    """Single-concept items ``{'concept', 'clip_i', 'clip_t'}`` per metric; with ``kinds`` (each
+    concept's kind, in the set's order) also per kind of concept (``single_clip_i@scene``, ...)."""
+    items = {"single_clip_i": [r["clip_i"] for r in single], "single_clip_t": [r["clip_t"] for r in single]}
+    for kind in sorted(set(kinds or ()), key=lambda k: (KINDS + (k,)).index(k)):
+        mine = [r for r in single if kinds[r["concept"]] == kind]
+        items[f"single_clip_i@{kind}"] = [r["clip_i"] for r in mine]
+        items[f"single_clip_t@{kind}"] = [r["clip_t"] for r in mine]
+    return items
+
+
 def run_items(method_result: dict, kinds: Sequence[str] | None = None) -> dict[str, list[float | None]]:
-    """The items of one method in one run, per metric (empty where the run lacks them).
-    ``kinds``: each concept's kind, in the set's order; then single-concept items also come
-    per kind of concept (``single_clip_i@scene``, ...)."""
-    items: dict[str, list[float | None]] = {}
-    single = method_result.get("single_items") or []
-    items["single_clip_i"] = [r["clip_i"] for r in single]
-    items["single_clip_t"] = [r["clip_t"] for r in single]
-    if kinds is not None:
-        for kind in sorted(set(kinds), key=lambda k: (KINDS + (k,)).index(k)):
-            mine = [r for r in single if kinds[r["concept"]] == kind]
-            items[f"single_clip_i@{kind}"] = [r["clip_i"] for r in mine]
-            items[f"single_clip_t@{kind}"] = [r["clip_t"] for r in mine]
+    """The items of one method in one run, per metric (empty where the run lacks them); the
+    single-concept ones also per kind of concept when ``kinds`` are given (:func:`single_items`)."""
+    items = single_items(method_result.get("single_items") or [], kinds)
     multi = (method_result.get("multi") or {}).get("prompts") or []
     items["multi_clip_i"] = [r["clip_i"]["mean"] for r in multi]
     items["multi_clip_t"] = [r["clip_t"]["mean"] for r in multi]
@@ -88,7 +90,11 @@ def aggregate(runs: Sequence[dict], reference: str | None = "cns", seed: int = 0
         base = _base_items(results.get("base", {}).get("zero_shot_per_prompt"))
         for set_index, set_result in enumerate(results["sets"]):
             run_id = (run_seed, set_index)
-            for metric, values in base.items():
+            kinds = [c.get("kind", "") for c in set_result.get("concepts", [])] or None
+            # the base model on the same single-concept prompts, the token left out
+            base_single = single_items(set_result["base_single_items"], kinds) \
+                if set_result.get("base_single_items") else {}
+            for metric, values in {**base, **base_single}.items():
                 base_clusters.setdefault(metric, {})[run_id] = values
             for key in results["methods"]:
                 if key not in set_result["methods"]:
@@ -96,7 +102,6 @@ def aggregate(runs: Sequence[dict], reference: str | None = "cns", seed: int = 0
                 if key not in methods:
                     methods.append(key)
                 method_result = set_result["methods"][key]
-                kinds = [c.get("kind", "") for c in set_result.get("concepts", [])] or None
                 for metric, values in run_items(method_result, kinds).items():
                     clusters.setdefault(key, {}).setdefault(metric, {})[run_id] = values
                 curves.setdefault(key, []).append(score_matrix(method_result)[:, 0])
@@ -216,15 +221,23 @@ def write_interval_report(aggregated: dict, title: str, settings: Sequence[str] 
         lines += ["## Settings", ""] + [f"- {s}" for s in settings] + [""]
     columns = ["single_clip_i", "single_clip_t", "multi_clip_i", "multi_clip_t", "F_T", "first_concept_change"]
     runs = aggregated.get("runs_per_method", {})
-    lines += ["## Personalization and forgetting", "",
-              "| method | runs | " + " | ".join(METRICS[c][0] for c in columns) + " |",
-              "|---|---|" + "---|" * len(columns)]
-    for key in methods:
-        lines.append(f"| {labels[key]} | {runs.get(key, aggregated['runs'])} | "
-                     + " | ".join(_cell(aggregated["figures"][key].get(c)) for c in columns) + " |")
-    zs = ["zero_shot_clip_t", "zero_shot_attributes"]
     base = aggregated.get("base", {})
-    if base:
+    gained = "single_clip_i" in base
+    lines += ["## Personalization and forgetting", ""]
+    if gained:
+        lines += ["Gain: single CLIP-I minus the base model's on the same prompts with the token left out "
+                  "(paired, prompt by prompt): what the method learned beyond drawing the class word.", ""]
+    lines += ["| method | runs | " + " | ".join(METRICS[c][0] for c in columns) + (" | gain |" if gained else " |"),
+              "|---|---|" + "---|" * (len(columns) + gained)]
+    if gained:
+        lines.append(f"| base model (token left out) | {aggregated['runs']} | " + " | ".join(
+            _cell(base.get(c)) if c in ("single_clip_i", "single_clip_t") else "–" for c in columns) + " | – |")
+    for key in methods:
+        gain = f" {_cell(aggregated['vs_base'][key].get('single_clip_i'), True)} |" if gained else ""
+        lines.append(f"| {labels[key]} | {runs.get(key, aggregated['runs'])} | "
+                     + " | ".join(_cell(aggregated["figures"][key].get(c)) for c in columns) + " |" + gain)
+    zs = ["zero_shot_clip_t", "zero_shot_attributes"]
+    if zs[0] in base:
         lines += ["", "## Zero-shot preservation (held-out generic prompts; Δ: paired, prompt by prompt, vs the "
                   "base model)", "",
                   "K/V change: ||(W_T - W_0) C|| / ||W_0 C|| after the last task, C every position of the zero-shot "
@@ -254,6 +267,10 @@ def write_interval_report(aggregated: dict, title: str, settings: Sequence[str] 
     if kinds:
         lines += ["", "## Single-concept CLIP-I / CLIP-T by kind of concept", "",
                   "| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        if f"single_clip_i@{kinds[0]}" in base:
+            lines.append("| base model (token left out) | " + " | ".join(
+                f"{_cell(base.get(f'single_clip_i@{k}'))} / {base[f'single_clip_t@{k}']['mean']:.3f}"
+                if f"single_clip_t@{k}" in base else "–" for k in kinds) + " |")
         for key in methods:
             f = aggregated["figures"][key]
             lines.append(f"| {labels[key]} | " + " | ".join(

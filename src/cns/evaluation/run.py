@@ -386,6 +386,28 @@ def run_evaluation(
                       "multi_prompts": [{"prompt": p, "concepts": [names[i] for i in idx]} for p, idx in multi],
                       "methods": {}}
 
+        # the base model on the single-concept prompts with the token left out: what each
+        # method's single-concept figures gain over drawing the class word alone
+        unit = set_dir / "base" / "single.json"
+        if not unit.is_file() and not finished_only:
+            log(f"set {set_index + 1} base model: single-concept prompts without the token")
+            pipe = load_base_pipeline(model)
+            if device:
+                pipe.to(device)
+            jobs = [{"key": f"base-c{i + 1}-p{k + 1}", "prompt": " ".join(p.replace(tasks[i].token, "").split()),
+                     "concepts": [tasks[i].name], "n": protocol.images_per_prompt}
+                    for i in range(len(tasks)) for k, p in enumerate(prompts[i])]
+            scored = _score_jobs(pipe, jobs, protocol, scorer, references, token_to_class, None)
+            if state.is_main_process:
+                concept_of = {job["key"]: int(job["key"].split("-")[1][1:]) - 1 for job in jobs}
+                _write_json(unit, {"single_items": [
+                    {"concept": concept_of[r["key"]], "prompt": r["prompt"], "clip_i": float(np.mean(r["clip_i"])),
+                     "clip_t": float(np.mean(r["clip_t"]))} for r in scored]})
+            state.wait_for_everyone()
+            del pipe
+        if unit.is_file():
+            set_result["base_single_items"] = json.loads(unit.read_text())["single_items"]
+
         for key in methods:
             method_dir = set_dir / method_folder(key)
             if finished_only and not _finished(method_dir / "eval", len(tasks), bool(multi), zero_shot is not None):
