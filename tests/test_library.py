@@ -387,3 +387,37 @@ def test_lambda_lock_holds_the_new_tokens_keys_at_its_class_words(tmp_path, base
             gap[lambda_lock] = sum(float((keys[n](token_states) - base_keys[n](class_states)).pow(2).sum())
                                    for n in keys) / sum(float(base_keys[n](class_states).pow(2).sum()) for n in keys)
     assert gap[1e3] < 0.5 * gap[0.0]
+
+
+def test_lambda_refit_holds_generic_prompts_and_keeps_the_concepts_own_change(tmp_path, base_model, concept_folders):
+    """The closed-form refit (cns.refit) after the same training: held-out generic prompts' K/V
+    move far less, the concept's token keeps much of its K/V change, and only masked elements
+    differ from the base model."""
+    from cns.library import load_base_pipeline
+    from cns.model import cross_attention_kv_layers, encode_prompts, pipeline_tokens
+
+    held_out = ["a red car in the city", "a blue house on the beach", "a green dog"]
+    base = load_base_pipeline(str(base_model))
+    base_layers = cross_attention_kv_layers(base.unet)
+    with torch.no_grad():
+        generic = torch.cat(encode_prompts(base.tokenizer, base.text_encoder, held_out))
+    moved, token_moved = {}, {}
+    for weight in (0.0, 1.0):
+        library = ConceptLibrary.create(tmp_path / f"lib{weight}", str(base_model))
+        library.learn([ConceptSpec(concept_folders[0], "dog")], fast_config(lambda_refit=weight, steps=20),
+                      progress=False)
+        assert library.task_record(library.tasks[-1])["config"]["lambda_refit"] == weight
+        pipe = library.load_pipeline()
+        layers = cross_attention_kv_layers(pipe.unet)
+        [mask] = library.concept_masks()
+        for n, layer in layers.items():
+            changed = layer.weight != base_layers[n].weight
+            assert not (changed & ~mask[n].to(changed.device)).any(), n  # nothing off the mask
+        ids = pipeline_tokens(pipe.tokenizer, library.concepts[0]["instance_prompts"]).input_ids
+        with torch.no_grad():
+            token_states = pipe.text_encoder(ids)[0][ids == pipe.tokenizer.convert_tokens_to_ids("<new1>")]
+            moved[weight] = sum(float((layers[n](generic) - base_layers[n](generic)).pow(2).sum()) for n in layers)
+            token_moved[weight] = sum(float((layers[n](token_states) - base_layers[n](token_states)).pow(2).sum())
+                                      for n in layers)
+    assert moved[1.0] < 0.3 * moved[0.0]  # measured: 0.21
+    assert token_moved[1.0] > 0.4 * token_moved[0.0]  # measured: 0.62

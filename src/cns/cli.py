@@ -24,7 +24,8 @@ def _learn_config(args, defaults: LearnConfig | None = None) -> LearnConfig:
     from .model_settings import learn_settings
 
     fields = ("steps", "seed", "batch_size", "select_ratio", "select_rule", "lr_embedding", "lr_neurons",
-              "lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "lambda_lock", "generic_padding",
+              "lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "lambda_lock", "lambda_refit",
+              "generic_padding",
               "prior_loss_weight", "num_class_images", "class_image_steps", "resolution", "mixed_precision", "device",
               "neurons", "checkpoint_every", "attention_slicing")
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f, None) is not None}
@@ -185,7 +186,7 @@ def cmd_demo(args) -> int:
         if getattr(args, field, None) is not None:
             setattr(settings, field, getattr(args, field))
     settings.learn = {f: getattr(args, f) for f in ("steps", "lr_neurons", "lr_embedding", "select_ratio",
-                                                     "lambda_keep", "lambda_generic")
+                                                     "lambda_keep", "lambda_generic", "lambda_refit")
                       if getattr(args, f, None) is not None}
     results = run_demo(settings, progress=not args.quiet)
     for c in results["concepts"]:
@@ -254,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-lock", type=float,
                    help="beyond the paper (after Perfusion): weight of L_lock, which holds a new token's keys at its "
                         "class word's so that only its values carry the concept (0, the default: off)")
+    p.add_argument("--lambda-refit", type=float,
+                   help="beyond the paper: after training, refit each trained K/V row in closed form to keep what it "
+                        "does to the concept's text and hold what it does to the calibration prompts, with this "
+                        "weight on the latter (cns.refit; 0, the default: off)")
     p.add_argument("--generic-padding", action=argparse.BooleanOptionalAction, default=None,
                    help="whether L_generic also holds the padding positions of the generic prompts (default: yes)")
     p.add_argument("--prior-loss-weight", type=float)
@@ -326,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="beyond the paper: weight of L_keep, which holds earlier concepts' keys and values")
     p.add_argument("--lambda-generic", type=float,
                    help="beyond the paper: weight of L_generic, which holds generic prompts' keys and values")
+    p.add_argument("--lambda-refit", type=float,
+                   help="beyond the paper: refit each task's K/V update against generic prompts (cns.refit)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--images-per-prompt", type=int)
     p.add_argument("--sample-steps", type=int)

@@ -35,6 +35,7 @@ class LearnConfig:
     lambda_generic: float = 0.0  # (beyond the paper) weight of L_generic: holds generic prompts' K/V; 0: off
     generic_padding: bool = True  # L_generic also holds the padding positions of the generic prompts
     lambda_lock: float = 0.0  # (beyond the paper) weight of L_lock: a new token's keys held at its class word's; 0: off
+    lambda_refit: float = 0.0  # (beyond the paper) after training, refit each masked row against generic prompts (cns.refit); 0: off
     train_embedding: bool = True
     prior_loss_weight: float = 1.0  # lambda of Eq. 8, as Custom Diffusion / DreamBooth
     num_class_images: int = 100  # (choice) Custom Diffusion uses 200
@@ -68,7 +69,7 @@ class LearnConfig:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value <= 0:
                 raise CNSError(f"{_flag(name)} must be a finite learning rate > 0, got {value}")
-        for name in ("lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "lambda_lock",
+        for name in ("lambda_previous", "lambda_pretrained", "lambda_keep", "lambda_generic", "lambda_lock", "lambda_refit",
                      "prior_loss_weight", "class_image_guidance",
                      "select_ratio"):
             value = getattr(self, name)

@@ -779,7 +779,7 @@ class ConceptLibrary:
             keep_states = earlier_states if config.lambda_keep > 0 else None
 
             generic_states = None
-            if config.lambda_generic > 0:
+            if config.lambda_generic > 0 or config.lambda_refit > 0:
                 generic_states = torch.cat(calibration if config.generic_padding != config.drop_padding else
                                            encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts,
                                                           drop_padding=not config.generic_padding))

@@ -23,7 +23,8 @@ SETTINGS_FILE = "cns_settings.json"
 # Learning settings that turn the method into the paper's CNS (Eq. 7-8 only), whatever the
 # model recommends beyond the paper.
 METHOD_PRESETS: dict[str, dict] = {
-    "paper": {"lambda_keep": 0.0, "lambda_generic": 0.0, "regularize": True, "neurons": "concept"},
+    "paper": {"lambda_keep": 0.0, "lambda_generic": 0.0, "lambda_lock": 0.0, "lambda_refit": 0.0, "regularize": True,
+              "neurons": "concept"},
 }
 
 

@@ -262,7 +262,9 @@ def train_task(
     with ``config.lambda_keep`` > 0 they give L_keep (:func:`~cns.regularizer.relative_output_drift`),
     which holds how their keys and values differ from one another where W_{m-1} put them.
     ``generic_states``: ``(N, width)`` text states of generic prompts (every position); with
-    ``config.lambda_generic`` > 0 they give L_generic, which holds their keys and values.
+    ``config.lambda_generic`` > 0 they give L_generic, which holds their keys and values, and
+    with ``config.lambda_refit`` > 0 the trained update is refitted against them
+    (:func:`~cns.refit.refit_masked_update`; the concept's states: its new tokens' in its prompts).
     ``on_checkpoint`` receives a :class:`TrainingState` every ``config.checkpoint_every``
     steps; ``resume`` (such a state) continues from its step with the result an uninterrupted
     run gives.
@@ -286,7 +288,9 @@ def train_task(
     if generic_states is not None and generic_states.numel() > 0 and config.lambda_generic > 0:
         anchors.append((config.lambda_generic, anchor_basis(generic_states.float().cpu(), center=False,
                                                              normalize=True)))
-    previous = {name: layers[name].weight.detach().clone() for name in masks} if (reg_masks or anchors) else {}
+    refit = config.lambda_refit > 0 and generic_states is not None and generic_states.numel() > 0 and token_ids
+    previous = {name: layers[name].weight.detach().clone() for name in masks} \
+        if (reg_masks or anchors or refit) else {}
     lock = None  # (token positions per instance prompt, class-word states, key layer names, their entry weights)
     if config.lambda_lock > 0 and token_ids:
         from .model import class_word_states
@@ -376,6 +380,8 @@ def train_task(
         if processors is not None:
             unet.set_attn_processor(processors)
     layers = cross_attention_kv_layers(unet)
+    if refit:
+        _refit(layers, masks, previous, text_encoder, stream.instance_ids, token_ids, generic_states, config, device)
     values = {name: layers[name].weight.detach().flatten()[flat_index[name]].float().cpu().clone() for name in masks}
     table = text_encoder.get_input_embeddings().weight.detach()
     embeddings = {int(i): table[int(i)].float().cpu().clone() for i in token_ids}
@@ -387,6 +393,24 @@ def train_task(
         values=values, embeddings=embeddings, losses=losses, step_seconds=step_seconds, seconds=time.perf_counter() - started, steps=config.steps,
         resumed_from_step=first_step,
     )
+
+
+@torch.no_grad()
+def _refit(layers, masks, entry, text_encoder, instance_ids, token_ids, generic_states, config, device) -> None:
+    """Refit each trained layer's update in place (:func:`~cns.refit.refit_masked_update`): the
+    concept's states are the new tokens' in the task's prompts (with their trained embeddings)."""
+    from .refit import refit_masked_update
+
+    ids = instance_ids.to(device)
+    states = text_encoder(ids)[0].float().cpu()
+    concept = states[torch.isin(instance_ids, torch.tensor(list(token_ids), dtype=instance_ids.dtype))]
+    generic = generic_states.float().cpu()
+    for name, mask in masks.items():
+        weight = layers[name].weight
+        before = entry[name].float().cpu()
+        delta = (weight.detach().float().cpu() - before) * mask.cpu()
+        refitted = refit_masked_update(delta, mask.cpu(), concept, generic, config.lambda_refit)
+        weight.copy_((before + refitted).to(weight.dtype).to(weight.device))
 
 
 class TrainingDivergedError(CNSError):

@@ -256,7 +256,7 @@ class Method:
 # Settings beyond the paper that a model's cns_settings.json may recommend: the ``cns`` method
 # (what `cns learn` does by default) takes them from the model, ``cns-paper`` and the paper's
 # ablations leave them off.
-BEYOND_PAPER = ("lambda_keep", "lambda_generic", "generic_padding")
+BEYOND_PAPER = ("lambda_keep", "lambda_generic", "generic_padding", "lambda_lock", "lambda_refit")
 
 
 class CNSMethod(Method):
