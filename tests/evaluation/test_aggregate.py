@@ -104,3 +104,10 @@ def test_the_gain_over_the_base_model_is_paired_prompt_by_prompt():
     assert aggregated["base"]["single_clip_i"]["mean"] == pytest.approx(0.35)
     report = write_interval_report(aggregated, "t")
     assert "| base model (token left out) | 1 | 0.350" in report and "+0.050 [" in report
+
+
+def test_a_single_value_is_shown_without_an_interval():
+    from cns.evaluation.aggregate import _cell
+
+    assert _cell({"mean": -0.005, "low": -0.005, "high": -0.005, "n": 1, "items": 1}, True) == "-0.005 (one value)"
+    assert _cell(_f(0.2, 0.1, 0.3)) == "0.200 [0.100, 0.300]"

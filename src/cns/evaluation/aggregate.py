@@ -199,6 +199,8 @@ def _cell(figure: dict | None, signed: bool = False) -> str:
     if not figure:
         return "–"
     sign = "+" if signed else ""
+    if figure.get("items") == 1:  # one value: no interval to give
+        return f"{figure['mean']:{sign}.3f} (one value)"
     return f"{figure['mean']:{sign}.3f} [{figure['low']:{sign}.3f}, {figure['high']:{sign}.3f}]"
 
 
