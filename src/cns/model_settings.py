@@ -14,17 +14,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .config import LearnConfig
 from .errors import CNSError
 
-__all__ = ["SETTINGS_FILE", "resolve_model", "read_model_settings", "METHOD_PRESETS", "learn_settings"]
+__all__ = ["SETTINGS_FILE", "resolve_model", "read_model_settings", "BEYOND_PAPER", "METHOD_PRESETS",
+           "learn_settings"]
 
 SETTINGS_FILE = "cns_settings.json"
 
+# LearnConfig settings beyond the paper, which a model's cns_settings.json may recommend.
+BEYOND_PAPER = ("lambda_keep", "lambda_generic", "generic_padding", "lambda_lock", "lambda_refit")
+
 # Learning settings that turn the method into the paper's CNS (Eq. 7-8 only), whatever the
-# model recommends beyond the paper.
+# model recommends beyond the paper: every setting beyond it back at LearnConfig's default (off).
 METHOD_PRESETS: dict[str, dict] = {
-    "paper": {"lambda_keep": 0.0, "lambda_generic": 0.0, "lambda_lock": 0.0, "lambda_refit": 0.0, "regularize": True,
-              "neurons": "concept"},
+    "paper": {**{k: getattr(LearnConfig(), k) for k in BEYOND_PAPER}, "regularize": True, "neurons": "concept"},
 }
 
 
@@ -58,8 +62,6 @@ def read_model_settings(model: str) -> dict:
     """``{'learn': {...LearnConfig settings}, 'calibration_prompts': [...]}`` from the model
     folder's ``cns_settings.json`` (either key may be missing); ``{}`` for a model without one
     (or a hub id). Unknown learn settings are refused, so that a typo does not pass unseen."""
-    from .config import LearnConfig
-
     path = Path(model).expanduser() / SETTINGS_FILE
     if not path.is_file():
         return {}

@@ -269,13 +269,10 @@ def write_interval_report(aggregated: dict, title: str, settings: Sequence[str] 
     if kinds:
         lines += ["", "## Single-concept CLIP-I / CLIP-T by kind of concept", "",
                   "| method | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
-        if f"single_clip_i@{kinds[0]}" in base:
-            lines.append("| base model (token left out) | " + " | ".join(
-                f"{_cell(base.get(f'single_clip_i@{k}'))} / {base[f'single_clip_t@{k}']['mean']:.3f}"
-                if f"single_clip_t@{k}" in base else "–" for k in kinds) + " |")
-        for key in methods:
-            f = aggregated["figures"][key]
-            lines.append(f"| {labels[key]} | " + " | ".join(
+        rows = [("base model (token left out)", base)] if f"single_clip_i@{kinds[0]}" in base else []
+        rows += [(labels[key], aggregated["figures"][key]) for key in methods]
+        for label, f in rows:
+            lines.append(f"| {label} | " + " | ".join(
                 f"{_cell(f.get(f'single_clip_i@{k}'))} / {f[f'single_clip_t@{k}']['mean']:.3f}"
                 if f"single_clip_t@{k}" in f else "–" for k in kinds) + " |")
     curves = aggregated.get("first_concept_curve", {})

@@ -45,6 +45,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..model import cross_attention_kv_layers
+from ..model_settings import BEYOND_PAPER
 from ..storage import write_json_atomic
 from ..training import Example
 
@@ -253,10 +254,9 @@ class Method:
 # ---------------------------------------------------------------------------
 
 
-# Settings beyond the paper that a model's cns_settings.json may recommend: the ``cns`` method
-# (what `cns learn` does by default) takes them from the model, ``cns-paper`` and the paper's
-# ablations leave them off.
-BEYOND_PAPER = ("lambda_keep", "lambda_generic", "generic_padding", "lambda_lock", "lambda_refit")
+# The ``cns`` method (what `cns learn` does by default) takes the settings beyond the paper
+# (``BEYOND_PAPER``) from the model's cns_settings.json; ``cns-paper`` and the paper's ablations
+# leave them off.
 
 
 class CNSMethod(Method):

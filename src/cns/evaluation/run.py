@@ -394,15 +394,15 @@ def run_evaluation(
             pipe = load_base_pipeline(model)
             if device:
                 pipe.to(device)
+            concept_of_job = [i for i in range(len(tasks)) for _ in prompts[i]]
             jobs = [{"key": f"base-c{i + 1}-p{k + 1}", "prompt": " ".join(p.replace(tasks[i].token, "").split()),
                      "concepts": [tasks[i].name], "n": protocol.images_per_prompt}
                     for i in range(len(tasks)) for k, p in enumerate(prompts[i])]
-            scored = _score_jobs(pipe, jobs, protocol, scorer, references, token_to_class, None)
+            scored = _score_jobs(pipe, jobs, protocol, scorer, references, token_to_class, None)  # in job order
             if state.is_main_process:
-                concept_of = {job["key"]: int(job["key"].split("-")[1][1:]) - 1 for job in jobs}
                 _write_json(unit, {"single_items": [
-                    {"concept": concept_of[r["key"]], "prompt": r["prompt"], "clip_i": float(np.mean(r["clip_i"])),
-                     "clip_t": float(np.mean(r["clip_t"]))} for r in scored]})
+                    {"concept": i, "prompt": r["prompt"], "clip_i": float(np.mean(r["clip_i"])),
+                     "clip_t": float(np.mean(r["clip_t"]))} for i, r in zip(concept_of_job, scored)]})
             state.wait_for_everyone()
             del pipe
         if unit.is_file():
